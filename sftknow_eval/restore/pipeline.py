@@ -1,0 +1,455 @@
+"""The restore engine: preflight, then two streaming passes that join reader, selector and writer.
+
+Usable from Python without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
+Pass 1 reads every tensor once (NaN/Inf checks, per-tensor summed r, the key histogram);
+pass 2 reads them again and writes every requested variant at once; the few elements in each
+k's threshold bin are then decided exactly and patched in place. Memory: one chunk of
+``chunk_elements`` elements in float32 work buffers, one open shard per model, a 64 MB
+histogram, and the threshold-bin candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sftknow_eval.errors import UserError
+from sftknow_eval.restore import selector
+from sftknow_eval.restore.card import build_card
+from sftknow_eval.restore.reader import Checkpoint, ResolvedModel, read_config, resolve_model
+from sftknow_eval.restore.regions import (
+    in_layer_group,
+    natural_key,
+    parse_layer_groups,
+    region_pattern,
+    select_region,
+)
+from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
+from sftknow_eval.restore.writer import (
+    ShardedWriter,
+    clean_stale_temps,
+    commit_folder,
+    copy_aux_files,
+    new_temp_folder,
+    raw_view,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = (1.0, 3.0, 5.0, 10.0, 20.0)
+CONFIG_FILE = "restore_config.json"
+_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+@dataclass
+class RestoreConfig:
+    """Everything one restore run needs; fields mirror the CLI flags."""
+
+    base: str
+    tuned: str
+    out: Path
+    k: list[float] | None = None
+    region: str = "transformer"
+    strategy: str = "top"
+    seed: int = 0
+    layers: str | None = None
+    base_revision: str | None = None
+    tuned_revision: str | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+    push_to: str | None = None
+    private: bool = True
+    chunk_elements: int = 1 << 22
+    progress: bool = True
+
+
+@dataclass
+class Variant:
+    """One output model: a k of a strategy, or a whole layer group."""
+
+    name: str
+    k: float | None = None
+    group: tuple[int, int] | None = None
+    threshold: selector.Threshold | None = None
+    stats: VariantStats = field(default_factory=VariantStats)
+    folder: Path | None = None
+    writer: ShardedWriter | None = None
+    candidates: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
+        field(default_factory=list))
+    noop_counts: dict[str, int] = field(default_factory=dict)
+    threshold_r: float | None = None
+
+
+@dataclass
+class RestoreResult:
+    """What a run produced: variant name -> folder, plus the ones skipped as already complete."""
+
+    folders: dict[str, Path]
+    skipped: list[str]
+    pushed: dict[str, str]
+    warnings: list[str]
+
+
+def variant_name(strategy: str, k: float) -> str:
+    return f"{strategy}{k:g}"
+
+
+def _versions() -> dict[str, str]:
+    import huggingface_hub
+    import safetensors
+    import transformers
+
+    from sftknow_eval import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "safetensors": safetensors.__version__, "transformers": transformers.__version__,
+            "huggingface_hub": huggingface_hub.__version__, "numpy": np.__version__,
+            "sftknow_eval": __version__}
+
+
+def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
+    return {"region": cfg.region, "strategy": "layers" if variant.group else cfg.strategy,
+            "k": variant.k, "seed": cfg.seed if cfg.strategy == "random" else None,
+            "layers": f"{variant.group[0]}-{variant.group[1]}" if variant.group else None}
+
+
+def _fingerprint(cfg: RestoreConfig, base: ResolvedModel, tuned: ResolvedModel,
+                 variant: Variant) -> dict[str, object]:
+    return {"base": {"source": base.source, "revision": base.revision},
+            "tuned": {"source": tuned.source, "revision": tuned.revision},
+            **_settings(cfg, variant), "chunk_independent": True}
+
+
+def preflight(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Same architecture, tensor names, shapes and dtypes; the error names the first mismatch."""
+    cb, ct = read_config(base.folder), read_config(tuned.folder)
+    for key in _ARCH_KEYS:
+        if key in cb and key in ct and cb[key] != ct[key]:
+            raise UserError(f"architectures differ: config.json {key} is {cb[key]!r} in the base "
+                            f"model and {ct[key]!r} in the fine-tuned model")
+    names = sorted(set(base.tensors) | set(tuned.tensors), key=natural_key)
+    for name in names:
+        if name not in base.tensors:
+            raise UserError(f"tensor {name} is in the fine-tuned model but missing from the base")
+        if name not in tuned.tensors:
+            raise UserError(f"tensor {name} is in the base model but missing from the fine-tuned")
+        b, t = base.tensors[name], tuned.tensors[name]
+        if b.shape != t.shape:
+            raise UserError(f"tensor {name}: shape {list(b.shape)} in the base model but "
+                            f"{list(t.shape)} in the fine-tuned model")
+        if b.dtype != t.dtype:
+            raise UserError(f"tensor {name}: dtype {b.dtype} in the base model but {t.dtype} in "
+                            "the fine-tuned model")
+
+
+def _check_disk(out: Path, need: int) -> None:
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise UserError(f"{out}: not enough disk space: the outputs need {need / 2**30:.2f} GiB "
+                        f"and {free / 2**30:.2f} GiB are free")
+
+
+class _Buffers:
+    """Reusable work buffers for one chunk (fresh large allocations page-fault on every call)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.r = torch.empty(size, dtype=torch.float32)
+        self.scratch = torch.empty(size, dtype=torch.float32)
+        self.keys = torch.empty(size, dtype=torch.int64)
+        self.bins = torch.empty(size, dtype=torch.int64)
+        self.mask = torch.empty(size, dtype=torch.bool)
+        self.cand = torch.empty(size, dtype=torch.bool)
+        self.ones = torch.ones(1, dtype=torch.int64).expand(size)
+        self._out: dict[torch.dtype, torch.Tensor] = {}
+
+    def out(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        if dtype not in self._out:
+            self._out[dtype] = torch.empty(self.size, dtype=dtype)
+        return self._out[dtype][:n]
+
+
+def _chunks(numel: int, size: int):
+    for start in range(0, numel, size):
+        yield start, min(numel, start + size)
+
+
+def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> UserError:
+    which = [label for label, t in (("base", base), ("fine-tuned", tuned))
+             if not bool(torch.isfinite(t.float()).all())]
+    where = " and ".join(which) if which else "neither (the difference overflows float32)"
+    return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
+
+
+def restore(cfg: RestoreConfig) -> RestoreResult:
+    """Run a restoration end to end (see the module docstring); returns where the variants went."""
+    strategy = cfg.strategy
+    if strategy not in selector.STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(selector.STRATEGIES)}")
+    if cfg.layers and cfg.k:
+        raise UserError("--layers restores whole layer groups; do not combine it with --k")
+    ks = [] if cfg.layers else [selector.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]
+    groups = parse_layer_groups(cfg.layers) if cfg.layers else []
+    region_pattern(cfg.region)
+    out = Path(cfg.out)
+
+    base_model = resolve_model(cfg.base, cfg.base_revision)
+    tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
+    base = Checkpoint.open(base_model.path, allow_pickle=cfg.allow_pickle)
+    tuned = Checkpoint.open(tuned_model.path, allow_pickle=cfg.allow_pickle)
+    preflight(base, tuned)
+
+    floats = {n for n, i in tuned.tensors.items() if i.dtype.is_floating_point}
+    region = select_region(tuned.tensors, cfg.region, floats)
+    if not region:
+        raise UserError(f"--region {cfg.region!r} matches no floating-point tensor of {cfg.tuned}")
+    starts: dict[str, int] = {}
+    total = 0
+    for name in region:
+        starts[name] = total
+        total += tuned.tensors[name].numel
+    region_set = set(region)
+
+    variants: list[Variant] = []
+    for k in dict.fromkeys(ks):
+        n = selector.count_to_select(total, k)
+        if n == 0:
+            raise UserError(f"--k {k:g}: {k:g}% of the region's {total} elements is less than one")
+        variants.append(Variant(variant_name(strategy, k), k=k))
+    for group in groups:
+        if not any(in_layer_group(n, group) for n in region):
+            raise UserError(f"--layers {group[0]}-{group[1]}: no tensor of region "
+                            f"{cfg.region!r} lies in these layers")
+        variants.append(Variant(f"layers{group[0]}-{group[1]}", group=group))
+
+    removed = clean_stale_temps(out)
+    if removed:
+        log.info("removed %d unfinished folder(s) of an interrupted run", len(removed))
+    pending, skipped = [], []
+    for v in variants:
+        final = out / v.name
+        if final.exists():
+            marker = final / CONFIG_FILE
+            done = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+            if done == _fingerprint(cfg, base_model, tuned_model, v) and not cfg.overwrite:
+                skipped.append(v.name)
+                continue
+            if not cfg.overwrite:
+                raise UserError(f"{final} exists from a different restore run; pass --overwrite "
+                                "or choose another --out")
+        pending.append(v)
+    if skipped:
+        log.info("already complete, skipped: %s", ", ".join(skipped))
+    result = RestoreResult({v.name: out / v.name for v in variants}, skipped, {}, [])
+    if pending:
+        _check_disk(out, len(pending) * tuned.total_bytes + (1 << 20) * len(pending))
+        _run(cfg, base, tuned, base_model, tuned_model, region, region_set, starts, total,
+             pending, out, result)
+    if cfg.push_to and not result.warnings:
+        from sftknow_eval import hub  # lazy: only pushing needs the Hub door
+
+        for v in variants:
+            repo = f"{cfg.push_to}-{v.name}"
+            result.pushed[v.name] = hub.push_folder(
+                out / v.name, repo, private=cfg.private,
+                commit_message=f"sftknow-eval restore: {v.name}")
+            log.info("pushed %s -> %s", v.name, result.pushed[v.name])
+    base.close()
+    tuned.close()
+    return result
+
+
+def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: ResolvedModel,
+         tuned_model: ResolvedModel, region: list[str], region_set: set[str],
+         starts: dict[str, int], total: int, variants: list[Variant], out: Path,
+         result: RestoreResult) -> None:
+    strategy = cfg.strategy
+    buffers = _Buffers(cfg.chunk_elements)
+    selecting = [v for v in variants if v.k is not None]
+    noop = selector.noop_key(strategy)
+    tensor_stats = {name: TensorStats(tuned.tensors[name].numel) for name in region}
+    order = [name for _, names in tuned.names_by_file() for name in names]
+
+    # ---- pass 1: checks, summed r, key histogram -------------------------------------------
+    hist = torch.zeros(selector.NUM_BINS, dtype=torch.int64) if selecting else None
+    any_change = False
+    for name in tqdm(order, desc="restore pass 1/2", unit="tensor", disable=not cfg.progress):
+        info = tuned.tensors[name]
+        if not info.dtype.is_floating_point:
+            continue
+        b_flat, t_flat = base.tensor(name).reshape(-1), tuned.tensor(name).reshape(-1)
+        for a, e in _chunks(info.numel, buffers.size):
+            bc, tc = b_flat[a:e], t_flat[a:e]
+            r = selector.relative_change(bc, tc, buffers.r, buffers.scratch)
+            s = float(r.sum(dtype=torch.float64))
+            if not np.isfinite(s):
+                raise _nonfinite_error(name, b_flat, t_flat)
+            if name not in region_set:
+                any_change = any_change or s > 0
+                continue
+            tensor_stats[name].sum_r += s
+            if hist is not None:
+                keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed, buffers.keys)
+                bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT, out=buffers.bins[:e - a])
+                hist.index_add_(0, bins, buffers.ones[:e - a])
+    region_sum = sum(t.sum_r for t in tensor_stats.values())
+    if region_sum == 0:
+        what = "identical" if not any_change else "identical inside the region"
+        message = (f"the fine-tuned and base models are {what} ({cfg.region!r}): nothing to "
+                   "restore; no variant written")
+        log.warning(message)
+        result.warnings.append(message)
+        result.folders.clear()
+        return
+    thresholds = selector.threshold_bins(hist, [selector.count_to_select(total, v.k)
+                                                for v in selecting]) if hist is not None else []
+    del hist
+    for v, th in zip(selecting, thresholds, strict=True):
+        v.threshold = th
+
+    # ---- pass 2: write every variant -----------------------------------------------------
+    layout = tuned.output_layout()
+    for v in variants:
+        v.stats = VariantStats({n: TensorStats(s.numel, s.sum_r) for n, s in tensor_stats.items()})
+        v.folder = new_temp_folder(out, v.name)
+        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
+    try:
+        for name in tqdm(order, desc="restore pass 2/2", unit="tensor", disable=not cfg.progress):
+            info = tuned.tensors[name]
+            b_flat, t_flat = base.tensor(name).reshape(-1), tuned.tensor(name).reshape(-1)
+            if name not in region_set:
+                for a, e in _chunks(info.numel, buffers.size):
+                    for v in variants:
+                        v.writer.write(name, a, t_flat[a:e])
+                continue
+            for a, e in _chunks(info.numel, buffers.size):
+                m = e - a
+                bc, tc = b_flat[a:e], t_flat[a:e]
+                r = selector.relative_change(bc, tc, buffers.r, buffers.scratch)
+                keys = bins = None
+                if selecting:
+                    keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed,
+                                               buffers.keys)
+                    bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT,
+                                                     out=buffers.bins[:m])
+                for v in variants:
+                    if v.group is not None:
+                        if in_layer_group(name, v.group):
+                            v.writer.write(name, a, bc)
+                            v.stats.add(name, m, float(r.sum(dtype=torch.float64)))
+                        else:
+                            v.writer.write(name, a, tc)
+                        continue
+                    _select_chunk(v, name, a, m, bc, tc, r, keys, bins, noop, starts[name],
+                                  buffers)
+        for v in selecting:
+            _resolve(v, strategy, noop, starts)
+    except BaseException:
+        for v in variants:
+            if v.writer is not None:
+                v.writer.close()
+        raise
+    finally:
+        base.close()
+        tuned.close()
+
+    versions = _versions()
+    for v in variants:
+        v.writer.close()
+        v.writer.write_index(tuned.sharded_index)
+        copy_aux_files(tuned.folder, v.folder)
+        settings = _settings(cfg, v)
+        summary = v.stats.summary(strategy=settings["strategy"], threshold_r=v.threshold_r)
+        run_record = {
+            "fingerprint": _fingerprint(cfg, base_model, tuned_model, v),
+            "config": {k: (str(val) if isinstance(val, Path) else val)
+                       for k, val in asdict(cfg).items()},
+            "command": sys.argv,
+            "versions": versions,
+        }
+        header = {"variant": v.name, **settings,
+                  "base": {"source": base_model.source, "revision": base_model.revision},
+                  "tuned": {"source": tuned_model.source, "revision": tuned_model.revision},
+                  "run": run_record}
+        write_stats(v.folder, header, v.stats, summary)
+        build_card(variant=v.name, base=header["base"], tuned=header["tuned"],
+                   settings=settings, summary=summary).save(v.folder / "README.md")
+        (v.folder / CONFIG_FILE).write_text(json.dumps(run_record, indent=2) + "\n")
+        commit_folder(v.folder, out / v.name)
+        log.info("%s: restored %d of %d region elements -> %s", v.name, v.stats.restored, total,
+                 out / v.name)
+
+
+def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: torch.Tensor,
+                  r: torch.Tensor, keys: torch.Tensor, bins: torch.Tensor, noop: int | None,
+                  start: int, buffers: _Buffers) -> None:
+    """Restore the sure elements of one chunk for one k; record its threshold-bin candidates."""
+    th = v.threshold
+    sure = torch.ge(keys, th.lo_key_sure, out=buffers.mask[:m])
+    out = torch.where(sure, bc, tc, out=buffers.out(tc.dtype, m))
+    v.writer.write(name, a, out)
+    count = int(sure.sum())
+    if count:
+        sum_r = float(torch.mul(r, sure, out=buffers.scratch[:m]).sum(dtype=torch.float64))
+        v.stats.add(name, count, sum_r)
+    cand = torch.eq(bins, th.bin, out=buffers.cand[:m])
+    if not bool(cand.any()):
+        return
+    pos = torch.nonzero(cand).reshape(-1)
+    ckeys = keys[pos]
+    if noop is not None:
+        is_noop = ckeys == noop
+        n_noop = int(is_noop.sum())
+        if n_noop:
+            v.noop_counts[name] = v.noop_counts.get(name, 0) + n_noop
+            keep = ~is_noop
+            pos, ckeys = pos[keep], ckeys[keep]
+    if pos.numel():
+        v.candidates.append((name, (pos + a).numpy(), (pos + a + start).numpy(), ckeys.numpy(),
+                             r[pos].numpy(), raw_view(bc[pos]).copy()))
+
+
+def _resolve(v: Variant, strategy: str, noop: int | None, starts: dict[str, int]) -> None:
+    """Decide the threshold bin exactly and patch the chosen elements into the written files."""
+    th = v.threshold
+    if v.candidates:
+        lens = [len(c[1]) for c in v.candidates]
+        gidx = np.concatenate([c[2] for c in v.candidates])
+        keys = np.concatenate([c[3] for c in v.candidates])
+    else:
+        lens = []
+        gidx = np.zeros(0, dtype=np.int64)
+        keys = np.zeros(0, dtype=np.int64)
+    noop_list = list(v.noop_counts.items())
+    noop_counts = [(starts[name], count) for name, count in noop_list]  # ordered by global start
+    chosen, noop_take, last_key = selector.resolve_candidates(keys, gidx, th.take, noop,
+                                                              noop_counts)
+    v.threshold_r = selector.key_to_r(last_key, strategy)
+    for (name, _), taken in zip(noop_list, noop_take, strict=True):
+        if taken:
+            v.stats.add(name, taken, 0.0)
+    if not len(chosen):
+        return
+    bounds = np.cumsum([0] + lens)
+    chosen.sort()
+    which = np.searchsorted(bounds, chosen, side="right") - 1
+    for i in np.unique(which):
+        name, local, _, _, r, raw = v.candidates[i]
+        picks = chosen[which == i] - bounds[i]
+        v.writer.patch(name, local[picks], raw[picks])
+        v.stats.add(name, len(picks), float(r[picks].astype(np.float64).sum()))
+    v.candidates.clear()
+

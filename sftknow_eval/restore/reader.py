@@ -1,0 +1,216 @@
+"""Reading room of restore: resolves a model folder, indexes shards, hands out one tensor at a time.
+
+Nothing here decides what to restore. A :class:`Checkpoint` knows which tensor lives in which
+shard file (from ``model.safetensors.index.json`` or the shard headers) and opens one shard at
+a time through ``safetensors.safe_open``, whose tensors are memory-mapped views: only the pages
+the caller touches are read, and they are released when the next shard is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from sftknow_eval.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_SNAPSHOT_COMMIT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are, what the user called it (Hub id or path), at which revision."""
+
+    source: str
+    path: Path
+    revision: str | None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's name, dtype, shape and the shard file (relative name) that holds it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def resolve_model(id_or_path: str, revision: str | None = None) -> ResolvedModel:
+    """A local folder passes straight through; anything else goes to ``sftknow_eval.hub``."""
+    path = Path(id_or_path).expanduser()
+    if path.is_dir():
+        match = _SNAPSHOT_COMMIT.search(str(path.resolve()))
+        return ResolvedModel(str(id_or_path), path, revision or (match.group(1) if match else None))
+    if path.exists():
+        raise UserError(f"{id_or_path}: expected a model folder, got a file")
+    try:
+        from sftknow_eval import hub  # lazy: the Hub door is optional for local work
+    except ImportError as error:  # pragma: no cover - only before hub.py exists
+        raise UserError(
+            f"{id_or_path}: no such folder, and Hub downloads are unavailable ({error})"
+        ) from error
+    local = Path(hub.resolve_model(id_or_path, revision=revision))
+    match = _SNAPSHOT_COMMIT.search(str(local.resolve()))
+    return ResolvedModel(str(id_or_path), local, match.group(1) if match else revision)
+
+
+def read_config(folder: Path) -> dict:
+    """The model's config.json as a dict ({} when absent)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config}: not valid JSON ({error})") from error
+
+
+def _safe_relative(folder: Path, name: str) -> str:
+    """A shard named by an index must stay inside the model folder (indexes are untrusted)."""
+    resolved = (folder / name).resolve()
+    if folder.resolve() not in resolved.parents:
+        raise UserError(f"{folder}: index names a shard outside the folder: {name!r}")
+    return name
+
+
+@dataclass
+class Checkpoint:
+    """A model folder's tensors: ``tensors`` maps name -> TensorInfo; ``files`` lists shards.
+
+    ``metadata`` holds each shard's ``__metadata__`` (safetensors) so the writer can keep it.
+    Pickle checkpoints (``*.bin``) are only readable when ``allow_pickle`` was set on open.
+    """
+
+    folder: Path
+    files: list[str]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, dict[str, str] | None]
+    sharded_index: dict | None
+    pickle: bool = False
+    _open_file: str | None = field(default=None, repr=False)
+    _handle: object | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
+        folder = Path(folder)
+        index_path = folder / SAFETENSORS_INDEX
+        shard_files = sorted(p.name for p in folder.glob("*.safetensors"))
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+            weight_map = index.get("weight_map") or {}
+            files = list(dict.fromkeys(_safe_relative(folder, f) for f in weight_map.values()))
+            for name in files:
+                if not (folder / name).is_file():
+                    raise UserError(f"{folder}: index names a missing shard {name}")
+            return cls._from_safetensors(folder, files, index)
+        if shard_files:
+            return cls._from_safetensors(folder, shard_files, None)
+        pickles = sorted(p.name for p in folder.glob("*.bin") if p.name != "training_args.bin")
+        if pickles:
+            if not allow_pickle:
+                raise UserError(
+                    f"{folder}: only pickle checkpoints (*.bin) found; loading pickles can run "
+                    "arbitrary code. Convert to safetensors, or pass --allow-pickle if you trust it"
+                )
+            return cls._from_pickle(folder, pickles)
+        raise UserError(f"{folder}: no *.safetensors weights found")
+
+    @classmethod
+    def _from_safetensors(cls, folder: Path, files: list[str], index: dict | None) -> Checkpoint:
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, dict[str, str] | None] = {}
+        for file in files:
+            with safe_open(folder / file, framework="pt") as handle:
+                metadata[file] = handle.metadata()
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
+                                        f"{sl.get_dtype()}")
+                    if name in tensors:
+                        raise UserError(f"{folder}: tensor {name} appears in two shards")
+                    tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), file)
+        return cls(folder, files, tensors, metadata, index)
+
+    @classmethod
+    def _from_pickle(cls, folder: Path, files: list[str]) -> Checkpoint:
+        log.warning("%s: reading pickle checkpoints (--allow-pickle)", folder)
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            state = torch.load(folder / file, map_location="cpu", mmap=True, weights_only=True)
+            for name, value in state.items():
+                tensors[name] = TensorInfo(name, value.dtype, tuple(value.shape), file)
+            del state
+        out_files = [re.sub(r"\.bin$", ".safetensors", f) for f in files]
+        return cls(folder, files, tensors, {f: {"format": "pt"} for f in out_files}, None,
+                   pickle=True)
+
+    def output_layout(self) -> dict[str, list[str]]:
+        """Shard file name (as written, always .safetensors) -> tensor names, in reading order."""
+        layout: dict[str, list[str]] = {}
+        for info in self.tensors.values():
+            out = re.sub(r"\.bin$", ".safetensors", info.file) if self.pickle else info.file
+            layout.setdefault(out, []).append(info.name)
+        return layout
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The named tensor as a memory-mapped view (its shard stays open until the next one)."""
+        info = self.tensors[name]
+        if self._open_file != info.file:
+            self.close()
+            if self.pickle:
+                self._handle = torch.load(self.folder / info.file, map_location="cpu", mmap=True,
+                                          weights_only=True)
+            else:
+                self._handle = safe_open(self.folder / info.file, framework="pt")
+            self._open_file = info.file
+        if self.pickle:
+            return self._handle[name]  # type: ignore[index]
+        return self._handle.get_tensor(name)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Drop the open shard (and with it the mapped pages)."""
+        self._handle = None
+        self._open_file = None
+
+    def names_by_file(self) -> Iterator[tuple[str, list[str]]]:
+        """Each shard with its tensors, in the checkpoint's order (reading shard by shard)."""
+        by_file: dict[str, list[str]] = {}
+        for info in self.tensors.values():
+            by_file.setdefault(info.file, []).append(info.name)
+        yield from by_file.items()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _SAFETENSORS_DTYPES.items()}

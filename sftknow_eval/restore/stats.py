@@ -1,0 +1,107 @@
+"""Statistics of one restored variant: per tensor, per layer, per module; written as JSON and TSV.
+
+Files (in each variant folder):
+
+* ``restore_stats.json``: ``{"variant", "strategy", "k", "seed", "layers", "region",
+  "region_elements", "restored_elements", "threshold_r", "selected_r_share", "concentration",
+  "per_layer": {layer: share of restored elements}, "per_module": {module: share},
+  "per_tensor": [...same rows as the TSV...], "run": {config, versions}}``.
+  ``concentration`` is the share of the region's summed r held by the top-k% elements (known
+  exactly for strategy top, where it equals ``selected_r_share``; null otherwise).
+  ``threshold_r`` is r of the last element selected (top: the smallest restored r; bottom: the
+  largest); null for random and layer groups.
+* ``restore_stats.tsv``: one row per region tensor: tensor, layer, module, numel, restored,
+  restored_fraction, mean_r_restored, sum_r_restored, sum_r.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftknow_eval.restore.regions import layer_of, module_of
+
+TSV_COLUMNS = ("tensor", "layer", "module", "numel", "restored", "restored_fraction",
+               "mean_r_restored", "sum_r_restored", "sum_r")
+
+
+@dataclass
+class TensorStats:
+    numel: int
+    sum_r: float = 0.0
+    restored: int = 0
+    sum_r_restored: float = 0.0
+
+
+@dataclass
+class VariantStats:
+    """Accumulates counts while the engine streams; :meth:`summary` makes the JSON."""
+
+    tensors: dict[str, TensorStats] = field(default_factory=dict)
+
+    def add(self, name: str, restored: int, sum_r_restored: float) -> None:
+        stats = self.tensors[name]
+        stats.restored += int(restored)
+        stats.sum_r_restored += float(sum_r_restored)
+
+    @property
+    def restored(self) -> int:
+        return sum(t.restored for t in self.tensors.values())
+
+    def rows(self) -> list[dict[str, object]]:
+        rows = []
+        for name, t in self.tensors.items():
+            rows.append({
+                "tensor": name, "layer": layer_of(name), "module": module_of(name),
+                "numel": t.numel, "restored": t.restored,
+                "restored_fraction": t.restored / t.numel if t.numel else 0.0,
+                "mean_r_restored": t.sum_r_restored / t.restored if t.restored else 0.0,
+                "sum_r_restored": t.sum_r_restored, "sum_r": t.sum_r,
+            })
+        return rows
+
+    def summary(self, *, strategy: str, threshold_r: float | None) -> dict[str, object]:
+        total = sum(t.numel for t in self.tensors.values())
+        restored = self.restored
+        sum_r = sum(t.sum_r for t in self.tensors.values())
+        sum_sel = sum(t.sum_r_restored for t in self.tensors.values())
+        share = sum_sel / sum_r if sum_r > 0 else 0.0
+        per_layer: dict[str, float] = {}
+        per_module: dict[str, float] = {}
+        for name, t in self.tensors.items():
+            layer = layer_of(name)
+            key = "none" if layer is None else str(layer)
+            per_layer[key] = per_layer.get(key, 0.0) + t.restored
+            module = module_of(name)
+            per_module[module] = per_module.get(module, 0.0) + t.restored
+        if restored:
+            per_layer = {k: v / restored for k, v in per_layer.items()}
+            per_module = {k: v / restored for k, v in per_module.items()}
+        per_module = dict(sorted(per_module.items(), key=lambda kv: -kv[1]))
+        return {
+            "region_elements": total,
+            "restored_elements": restored,
+            "restored_fraction": restored / total if total else 0.0,
+            "threshold_r": threshold_r,
+            "selected_r_share": share,
+            "concentration": share if strategy == "top" else None,
+            "region_sum_r": sum_r,
+            "per_layer": per_layer,
+            "per_module": per_module,
+        }
+
+
+def write_stats(folder: Path, header: dict[str, object], stats: VariantStats,
+                summary: dict[str, object]) -> None:
+    """Write restore_stats.json and restore_stats.tsv into ``folder``."""
+    rows = stats.rows()
+    payload = {**header, **summary, "per_tensor": rows}
+    (folder / "restore_stats.json").write_text(json.dumps(payload, indent=2) + "\n")
+    with open(folder / "restore_stats.tsv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TSV_COLUMNS, delimiter="\t",
+                                lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in TSV_COLUMNS})

@@ -1,0 +1,142 @@
+"""Restore: exact streaming selection vs a brute-force sort, regions, strategies, layer groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sftknow_eval.restore import RestoreConfig, restore, selector
+from sftknow_eval.restore.regions import natural_key, select_region
+
+LAYER_MATS = {
+    "self_attn.q_proj.weight": (8, 8), "self_attn.k_proj.weight": (4, 8),
+    "self_attn.v_proj.weight": (4, 8), "self_attn.o_proj.weight": (8, 8),
+    "mlp.gate_proj.weight": (12, 8), "mlp.up_proj.weight": (12, 8),
+    "mlp.down_proj.weight": (8, 12),
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.setenv(var, "1")
+
+
+def make_pair(rng: np.random.Generator, *, layers: int = 3, dtype=torch.float32,
+              ties: bool = False, zeros: bool = False, unchanged: float = 0.0):
+    """Raw Llama-layout state dicts (base, tuned) with optional ties, zeros and unchanged parts."""
+    base, tuned = {}, {}
+    shapes = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,),
+              "lm_head.weight": (16, 8)}
+    for i in range(layers):
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (8,)
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (8,)
+        for mat, shape in LAYER_MATS.items():
+            shapes[f"model.layers.{i}.{mat}"] = shape
+    for name, shape in shapes.items():
+        b = rng.normal(0, 0.05, size=shape)
+        if zeros:
+            b[rng.random(shape) < 0.2] = 0.0
+        if ties:
+            b = np.round(b * 20) / 20  # few distinct values
+            delta = rng.choice([-0.05, 0.0, 0.05, 0.1], size=shape)
+        else:
+            delta = rng.normal(0, 0.01, size=shape) * (rng.random(shape) < 0.5)
+            delta += rng.normal(0, 0.2, size=shape) * (rng.random(shape) < 0.05)
+        if unchanged:
+            delta[rng.random(shape) < unchanged] = 0.0
+        base[name] = torch.tensor(b, dtype=torch.float32).to(dtype)
+        tuned[name] = torch.tensor(b + delta, dtype=torch.float32).to(dtype)
+    return base, tuned
+
+
+def save_model(folder: Path, state: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(state, key=natural_key)
+    if shards == 1:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        parts = np.array_split(np.arange(len(names)), shards)
+        for i, part in enumerate(parts):
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({names[j]: state[names[j]] for j in part}, folder / file,
+                      metadata={"format": "pt"})
+            weight_map.update({names[j]: file for j in part})
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def load_dir(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k).clone()
+    return out
+
+
+def expected(base, tuned, region_names, k, strategy, seed=0):
+    """Brute force: one flat r over the region, a full stable sort, restore the first n."""
+    flat_r = torch.cat([
+        ((tuned[n].float() - base[n].float()).abs() / (base[n].float().abs() + 1e-8)).reshape(-1)
+        for n in region_names])
+    n = selector.count_to_select(flat_r.numel(), k)
+    if strategy == "top":
+        order = torch.sort(flat_r, descending=True, stable=True).indices[:n]
+    elif strategy == "bottom":
+        order = torch.sort(flat_r, stable=True).indices[:n]
+    else:
+        order = torch.from_numpy(np.flatnonzero(selector.reference_selection(flat_r, n, "random",
+                                                                          seed).numpy()))
+    mask = torch.zeros(flat_r.numel(), dtype=torch.bool)
+    mask[order] = True
+    result = {name: t.clone() for name, t in tuned.items()}
+    offset = 0
+    for name in region_names:
+        size = tuned[name].numel()
+        m = mask[offset:offset + size].reshape(tuned[name].shape)
+        result[name] = torch.where(m, base[name], tuned[name])
+        offset += size
+    return result, int(mask.sum())
+
+
+def run(tmp_path, base, tuned, *, shards=1, chunk=1 << 22, **kw):
+    b = save_model(tmp_path / "base", base, shards)
+    t = save_model(tmp_path / "tuned", tuned, shards)
+    cfg = RestoreConfig(base=str(b), tuned=str(t), out=tmp_path / "out", progress=False,
+                        chunk_elements=chunk, **kw)
+    return restore(cfg)
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_exact_against_full_sort(tmp_path, case):
+    rng = np.random.default_rng(case)
+    dtype = [torch.float32, torch.bfloat16, torch.float16][case % 3]
+    strategy = ["top", "bottom", "random"][(case // 3) % 3]
+    base, tuned = make_pair(rng, layers=2, dtype=dtype, ties=case % 4 == 0,
+                            zeros=case % 5 == 0, unchanged=0.6 if case % 6 == 0 else 0.0)
+    ks = [0.5, 1, 20, 99.9] if case % 2 else [3, 50]
+    region = ["transformer", "attention", "mlp", "all"][case % 4]
+    result = run(tmp_path, base, tuned, k=ks, strategy=strategy, region=region, seed=case,
+                 shards=1 + case % 3, chunk=[1 << 22, 37, 64][case % 3])
+    floats = set(tuned)
+    names = select_region(tuned, region, floats)
+    for k in ks:
+        folder = result.folders[f"{strategy}{k:g}"]
+        got = load_dir(folder)
+        want, count = expected(base, tuned, names, k, strategy, seed=case)
+        assert set(got) == set(want)
+        for name in want:
+            assert got[name].dtype == tuned[name].dtype
+            assert torch.equal(got[name], want[name]), (k, name)
+        stats = json.loads((folder / "restore_stats.json").read_text())
+        assert stats["restored_elements"] == count
