@@ -1,0 +1,3 @@
+"""sftknow-eval: what supervised fine-tuning does to a model's factual knowledge."""
+
+__version__ = "0.1.0"
