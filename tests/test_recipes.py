@@ -72,3 +72,13 @@ def test_overrides_and_bad_values(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="mapping"):
         load_recipe(listy)
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed-zero3.yaml"])
+def test_accelerate_configs(name: str) -> None:
+    config = yaml.safe_load((RECIPES_DIR.parent / "accelerate" / name).read_text())
+    assert config["distributed_type"] in {"FSDP", "DEEPSPEED"}
+    assert config["mixed_precision"] == "bf16" and config["num_processes"] == 8
+    if config["distributed_type"] == "DEEPSPEED":
+        assert config["deepspeed_config"]["zero_stage"] == 3
+        assert config["deepspeed_config"]["zero3_save_16bit_model"] is True
