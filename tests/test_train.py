@@ -156,3 +156,18 @@ def test_cli_train_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None
                              str(tmp_path / "x"), "not_a_key=1"])
     with pytest.raises(UserError, match="not_a_key"):
         bad.func(bad)
+
+
+WORLD_MODEL = Path(__file__).resolve().parents[1] / "sftknow_eval" / "world_data" / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (WORLD_MODEL / "config.json").is_file(), reason="tiny world not built")
+def test_tiny_world_fine_tune_under_two_minutes(tmp_path: Path) -> None:
+    """The issue's budget: the shipped tiny.yaml on 240 rows of the tiny world, on this CPU."""
+    from sftknow_eval.train.sft import resolve_base
+
+    assert resolve_base("sftknow_eval/world_data/model") == str(WORLD_MODEL)
+    data = _write(tmp_path / "d.jsonl", tiny_rows(240))
+    result = train("tiny", data, tmp_path / "out")
+    assert result.seconds < 120, result.seconds
