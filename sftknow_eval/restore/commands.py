@@ -57,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs left by a different run in --out")
     parser.add_argument("--chunk-elements", type=int, default=1 << 22, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the element-wise work (default 1: it is "
+                             "memory-bound)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         base_revision=args.base_revision, tuned_revision=args.tuned_revision,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, push_to=args.push_to,
         private=not args.public, chunk_elements=args.chunk_elements,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     )
     result = restore(config)
     for name, folder in result.folders.items():

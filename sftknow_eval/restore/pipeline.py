@@ -69,8 +69,9 @@ class RestoreConfig:
     overwrite: bool = False
     push_to: str | None = None
     private: bool = True
-    chunk_elements: int = 1 << 22
+    chunk_elements: int = 1 << 20
     progress: bool = True
+    threads: int = 1
 
 
 @dataclass
@@ -169,11 +170,12 @@ class _Buffers:
         self.size = size
         self.r = torch.empty(size, dtype=torch.float32)
         self.scratch = torch.empty(size, dtype=torch.float32)
-        self.keys = torch.empty(size, dtype=torch.int64)
-        self.bins = torch.empty(size, dtype=torch.int64)
+        self.keys = torch.empty(size, dtype=torch.int32)
+        self.bins = torch.empty(size, dtype=torch.int32)
         self.mask = torch.empty(size, dtype=torch.bool)
         self.cand = torch.empty(size, dtype=torch.bool)
-        self.ones = torch.ones(1, dtype=torch.int64).expand(size)
+        # float64 counts are exact below 2**53 and index_add_ is fastest on floating types
+        self.ones = torch.ones(size, dtype=torch.float64)
         self._out: dict[torch.dtype, torch.Tensor] = {}
 
     def out(self, dtype: torch.dtype, n: int) -> torch.Tensor:
@@ -195,7 +197,20 @@ def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> User
 
 
 def restore(cfg: RestoreConfig) -> RestoreResult:
-    """Run a restoration end to end (see the module docstring); returns where the variants went."""
+    """Run a restoration end to end (see the module docstring); returns where the variants went.
+
+    Torch runs with ``cfg.threads`` threads (default 1) for the duration: the per-chunk work is
+    memory-bound, and on a busy machine OpenMP's barriers made two threads 15x slower than one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.threads))
+    try:
+        return _restore(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _restore(cfg: RestoreConfig) -> RestoreResult:
     strategy = cfg.strategy
     if strategy not in selector.STRATEGIES:
         raise UserError(f"--strategy {strategy!r}: use one of {', '.join(selector.STRATEGIES)}")
@@ -284,7 +299,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     order = [name for _, names in tuned.names_by_file() for name in names]
 
     # ---- pass 1: checks, summed r, key histogram -------------------------------------------
-    hist = torch.zeros(selector.NUM_BINS, dtype=torch.int64) if selecting else None
+    hist = torch.zeros(selector.NUM_BINS, dtype=torch.float64) if selecting else None
     any_change = False
     for name in tqdm(order, desc="restore pass 1/2", unit="tensor", disable=not cfg.progress):
         info = tuned.tensors[name]
@@ -294,7 +309,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         for a, e in _chunks(info.numel, buffers.size):
             bc, tc = b_flat[a:e], t_flat[a:e]
             r = selector.relative_change(bc, tc, buffers.r, buffers.scratch)
-            s = float(r.sum(dtype=torch.float64))
+            s = float(r.sum())  # float32 with torch's cascade summation; totals in Python floats
             if not np.isfinite(s):
                 raise _nonfinite_error(name, b_flat, t_flat)
             if name not in region_set:
@@ -349,7 +364,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
                     if v.group is not None:
                         if in_layer_group(name, v.group):
                             v.writer.write(name, a, bc)
-                            v.stats.add(name, m, float(r.sum(dtype=torch.float64)))
+                            v.stats.add(name, m, float(r.sum()))
                         else:
                             v.writer.write(name, a, tc)
                         continue
@@ -403,12 +418,12 @@ def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: t
     v.writer.write(name, a, out)
     count = int(sure.sum())
     if count:
-        sum_r = float(torch.mul(r, sure, out=buffers.scratch[:m]).sum(dtype=torch.float64))
+        sum_r = float(torch.mul(r, sure, out=buffers.scratch[:m]).sum())
         v.stats.add(name, count, sum_r)
     cand = torch.eq(bins, th.bin, out=buffers.cand[:m])
-    if not bool(cand.any()):
-        return
     pos = torch.nonzero(cand).reshape(-1)
+    if not pos.numel():
+        return
     ckeys = keys[pos]
     if noop is not None:
         is_noop = ckeys == noop
@@ -418,7 +433,8 @@ def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: t
             keep = ~is_noop
             pos, ckeys = pos[keep], ckeys[keep]
     if pos.numel():
-        v.candidates.append((name, (pos + a).numpy(), (pos + a + start).numpy(), ckeys.numpy(),
+        v.candidates.append((name, (pos + a).numpy(), (pos + a + start).numpy(),
+                             ckeys.numpy().astype(np.int64),
                              r[pos].numpy(), raw_view(bc[pos]).copy()))
 
 

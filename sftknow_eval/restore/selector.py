@@ -86,17 +86,20 @@ def random_keys(start: int, n: int, seed: int, out: torch.Tensor | None = None) 
 
 def score_keys(r: torch.Tensor, strategy: str, start: int, seed: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """The integer key per element (int64, < 2**31): larger key = selected earlier."""
-    if strategy == "random":
-        return random_keys(start, r.numel(), seed, out)
+    """The integer key per element (int32, 0 <= key < 2**31): larger key = selected earlier.
+
+    For ``top`` this is a view of r's bits (no copy); ``out`` is an int32 buffer otherwise.
+    """
     n = r.numel()
-    keys = torch.empty(n, dtype=torch.int64) if out is None else out[:n]
-    keys.copy_(r.view(torch.int32))
-    if strategy == "bottom":
-        keys.neg_().add_(INF_BITS)
-    elif strategy != "top":
+    bits = r.reshape(-1).view(torch.int32)
+    if strategy == "top":
+        return bits
+    keys = torch.empty(n, dtype=torch.int32) if out is None else out[:n]
+    if strategy == "random":
+        return keys.copy_(random_keys(start, n, seed))
+    if strategy != "bottom":
         raise UserError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    return keys
+    return torch.sub(INF_BITS, bits, out=keys)
 
 
 def noop_key(strategy: str) -> int | None:
@@ -124,14 +127,14 @@ class Threshold:
 
 def threshold_bins(hist: torch.Tensor, counts: list[int]) -> list[Threshold]:
     """For each n, the bin holding the n-th largest key and the count in higher bins."""
-    from_top = torch.flip(hist, (0,)).cumsum(0)
+    from_top = torch.flip(hist, (0,)).to(torch.float64).cumsum(0)  # exact below 2**53
     out = []
     for n in counts:
         if n <= 0:
             raise ValueError("n must be positive")
-        pos = int(torch.searchsorted(from_top, torch.tensor([n], dtype=from_top.dtype)).item())
+        pos = int(torch.searchsorted(from_top, torch.tensor([float(n)], dtype=torch.float64)))
         b = hist.numel() - 1 - pos
-        above = int(from_top[pos - 1].item()) if pos > 0 else 0
+        above = int(from_top[pos - 1]) if pos > 0 else 0
         out.append(Threshold(n=n, bin=b, above=above))
     return out
 
@@ -188,7 +191,7 @@ def key_to_r(key: int, strategy: str) -> float | None:
 
 def reference_selection(r: torch.Tensor, n: int, strategy: str, seed: int = 0) -> torch.Tensor:
     """Brute-force reference on a whole flat r (global order): a bool mask of the n selected."""
-    keys = score_keys(r.reshape(-1).float(), strategy, 0, seed).numpy()
+    keys = score_keys(r.reshape(-1).float().clone(), strategy, 0, seed).numpy().astype(np.int64)
     idx = np.arange(keys.size)
     order = np.lexsort((idx, -keys))[:n]
     mask = torch.zeros(keys.size, dtype=torch.bool)

@@ -99,8 +99,7 @@ class ShardedWriter:
         del mapped
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
+        for fd in self._fds.values():  # no fsync: atomicity comes from the folder rename
             os.close(fd)
         self._fds.clear()
 

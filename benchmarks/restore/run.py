@@ -1,0 +1,274 @@
+"""Benchmark of ``sftknow-eval restore``: wall time and peak RSS against an in-memory baseline
+and the I/O floor, on generated Llama-layout bf16 checkpoints (see README.md here).
+
+    python benchmarks/restore/run.py               # ~2 GB per model, 500 MB shards
+    python benchmarks/restore/run.py --size-gb 0.5 # quicker
+
+Each contender runs in its own subprocess; its peak RSS is the child's ``ru_maxrss`` from
+``os.wait4``, so peaks do not contaminate each other. Everything lives in a temp folder that is
+deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
+MATS = {"self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+        "self_attn.v_proj.weight": (HIDDEN, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)}
+REGION_RE = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
+
+
+# ---------------------------------------------------------------- generation
+def shapes_for(layers: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (HIDDEN,)
+        for mat, shape in MATS.items():
+            shapes[f"model.layers.{i}.{mat}"] = shape
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (HIDDEN,)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def layers_for(size_gb: float) -> int:
+    per_layer = sum(a * b for a, b in MATS.values()) * 2
+    fixed = 2 * VOCAB * HIDDEN * 2
+    return max(1, round((size_gb * 1e9 - fixed) / per_layer))
+
+
+def generate(base_dir: Path, tuned_dir: Path, layers: int, shard_mb: int, seed: int) -> None:
+    """Base: N(0, 0.02); tuned: base + dense N(0, 2e-4) + 1% sparse N(0, 2e-2), all in bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+              "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+              "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": VOCAB, "torch_dtype": "bfloat16"}
+    shapes = shapes_for(layers)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if groups[-1] and size + nbytes > shard_mb * 1e6:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for folder in (base_dir, tuned_dir):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config))
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        base, tuned = {}, {}
+        for name in names:
+            shape = shapes[name]
+            if "norm" in name:
+                b = torch.ones(shape)
+                t = b + torch.randn(shape, generator=gen) * 1e-3
+            else:
+                b = torch.randn(shape, generator=gen).mul_(0.02)
+                t = b + torch.randn(shape, generator=gen).mul_(2e-4)
+                sparse = torch.rand(shape, generator=gen) < 0.01
+                t += sparse * torch.randn(shape, generator=gen).mul_(2e-2)
+                del sparse
+            base[name], tuned[name] = b.bfloat16(), t.bfloat16()
+            del b, t
+            weight_map[name] = file
+        save_file(base, base_dir / file, metadata={"format": "pt"})
+        save_file(tuned, tuned_dir / file, metadata={"format": "pt"})
+        del base, tuned
+    index = {"metadata": {"total_size": sum(math.prod(s) * 2 for s in shapes.values())},
+             "weight_map": weight_map}
+    for folder in (base_dir, tuned_dir):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# ---------------------------------------------------------------- contenders (in children)
+def baseline(base_dir: Path, tuned_dir: Path, out: Path, k: float) -> None:
+    """The authors' style: both models whole in memory, one flat r, torch.topk, restore, save."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def load(folder: Path) -> dict:
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+        return state
+
+    base, tuned = load(base_dir), load(tuned_dir)
+    names = [n for n in tuned if re.search(REGION_RE, n)]
+    flat = torch.cat([((tuned[n].float() - base[n].float()).abs()
+                       / (base[n].float().abs() + 1e-8)).reshape(-1) for n in names])
+    count = int(flat.numel() * k / 100)
+    top = torch.topk(flat, count, sorted=False).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[top] = True
+    del flat, top
+    offset = 0
+    for n in names:
+        size = tuned[n].numel()
+        m = mask[offset:offset + size].reshape(tuned[n].shape)
+        tuned[n] = torch.where(m, base[n], tuned[n])
+        offset += size
+    index = json.loads((tuned_dir / "model.safetensors.index.json").read_text())
+    out.mkdir(parents=True)
+    by_file: dict[str, dict] = {}
+    for n, f in index["weight_map"].items():
+        by_file.setdefault(f, {})[n] = tuned[n]
+    for f, state in by_file.items():
+        save_file(state, out / f, metadata={"format": "pt"})
+
+
+def io_floor(base_dir: Path, tuned_dir: Path, out: Path) -> None:
+    """Read both inputs once, write one output of the same size: no computation at all."""
+    out.mkdir(parents=True)
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    for f in sorted(tuned_dir.glob("*.safetensors")):
+        with open(base_dir / f.name, "rb", buffering=0) as b, open(f, "rb", buffering=0) as t, \
+                open(out / f.name, "wb", buffering=0) as o:
+            while b.readinto(view):
+                pass
+            while n := t.readinto(view):
+                o.write(view[:n])
+
+
+def ours(base_dir: Path, tuned_dir: Path, out: Path, ks: str) -> None:
+    from sftknow_eval.cli import main
+
+    code = main(["restore", "--base", str(base_dir), "--tuned", str(tuned_dir), "--k", ks,
+                 "--out", str(out), "--no-progress"])
+    if code:
+        raise SystemExit(code)
+
+
+# ---------------------------------------------------------------- driver
+def measure(label: str, argv: list[str], out: Path) -> dict[str, float]:
+    """Run one contender in a child; wall time and the child's own peak RSS."""
+    start = time.perf_counter()
+    # same threading for every contender (restore's default is 1 thread: see pipeline.py)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{label} failed with status {status}")
+    shutil.rmtree(out, ignore_errors=True)
+    rss = usage.ru_maxrss / 2**20  # KiB -> GiB
+    print(f"  {label:<34} {wall:7.1f} s  {rss:6.2f} GiB", flush=True)
+    return {"wall_s": wall, "peak_rss_gib": rss}
+
+
+def warm(folder: Path) -> None:
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb", buffering=0) as h:
+            while h.read(64 << 20):
+                pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-gb", type=float, default=2.0, help="size of each model")
+    parser.add_argument("--shard-mb", type=int, default=500)
+    parser.add_argument("--ks", default="1,3,5,10,20")
+    parser.add_argument("--workdir", default=None, help="parent of the temp folder")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        paths = [Path(p) for p in rest[:3]]
+        if kind == "generate":
+            generate(Path(rest[0]), Path(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+        elif kind == "baseline":
+            baseline(*paths, float(rest[3]))
+        elif kind == "floor":
+            io_floor(*paths)
+        else:
+            ours(*paths, rest[3])
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="restore-bench-", dir=args.workdir))
+    try:
+        layers = layers_for(args.size_gb)
+        one_k = args.ks.split(",")[0] if "," in args.ks else args.ks
+        one_k = "10" if "10" in args.ks.split(",") else one_k
+        print(f"generating {layers}-layer pair (~{args.size_gb:g} GB each, {args.shard_mb} MB "
+              f"shards) and a {2 * layers}-layer pair in {tmp}", flush=True)
+        t0 = time.perf_counter()
+        # generated in children: a parent with a large RSS would pass its peak on to every
+        # later child (ru_maxrss survives fork + exec)
+        for name, n_layers, seed in (("", layers, 0), ("2", 2 * layers, 1)):
+            subprocess.run([sys.executable, __file__, "--child", "generate", str(tmp / f"base{name}"),
+                            str(tmp / f"tuned{name}"), str(n_layers), str(args.shard_mb), str(seed)],
+                           check=True)
+        print(f"  generated in {time.perf_counter() - t0:.0f} s", flush=True)
+        b, t, o = str(tmp / "base"), str(tmp / "tuned"), tmp / "out"
+        results: dict[str, dict[str, float]] = {}
+        for label, argv, folders in (
+            ("io_floor", ["--child", "floor", b, t, str(o)], ("base", "tuned")),
+            ("ours_1k", ["--child", "ours", b, t, str(o), one_k], ("base", "tuned")),
+            ("ours_5k", ["--child", "ours", b, t, str(o), args.ks], ("base", "tuned")),
+            ("baseline_1k", ["--child", "baseline", b, t, str(o), one_k], ("base", "tuned")),
+            ("ours_1k_2x_model", ["--child", "ours", str(tmp / "base2"), str(tmp / "tuned2"),
+                                  str(o), one_k], ("base2", "tuned2")),
+        ):
+            if label == "baseline_1k" and args.skip_baseline:
+                continue
+            for f in folders:
+                warm(tmp / f)  # every contender starts with its inputs in the page cache
+            results[label] = measure(label, argv, o)
+        floor = results["io_floor"]["wall_s"]
+        n_k = len(args.ks.split(","))
+        rows = [
+            ("ours 1 k / I/O floor (target <= 3)", results["ours_1k"]["wall_s"] / floor),
+            (f"each extra k / I/O floor (target <= 0.5; {n_k} k)",
+             (results["ours_5k"]["wall_s"] - results["ours_1k"]["wall_s"]) / (n_k - 1) / floor),
+            ("peak RSS 2x model / 1x (target < 1.2)",
+             results["ours_1k_2x_model"]["peak_rss_gib"] / results["ours_1k"]["peak_rss_gib"]),
+        ]
+        if "baseline_1k" in results:
+            rows += [
+                ("baseline peak RSS / ours (target >= 4)",
+                 results["baseline_1k"]["peak_rss_gib"] / results["ours_1k"]["peak_rss_gib"]),
+                ("baseline wall / ours (target >= 1)",
+                 results["baseline_1k"]["wall_s"] / results["ours_1k"]["wall_s"]),
+            ]
+        print()
+        print(f"| contender (k={one_k} unless noted) | wall s | peak RSS GiB |")
+        print("|---|---|---|")
+        for label, r in results.items():
+            print(f"| {label} | {r['wall_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+        print()
+        print("| ratio | value |")
+        print("|---|---|")
+        for label, value in rows:
+            print(f"| {label} | {value:.2f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"results": results, "ratios": dict(rows),
+                                                   "layers": layers}, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
