@@ -121,7 +121,11 @@ def _versions() -> dict[str, str]:
 def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
     return {"region": cfg.region, "strategy": "layers" if variant.group else cfg.strategy,
             "k": variant.k, "seed": cfg.seed if cfg.strategy == "random" else None,
-            "layers": f"{variant.group[0]}-{variant.group[1]}" if variant.group else None}
+            "layers": _group_text(variant.group) if variant.group else None}
+
+
+def _group_text(group: tuple[int, int]) -> str:
+    return str(group[0]) if group[0] == group[1] else f"{group[0]}-{group[1]}"
 
 
 def _fingerprint(cfg: RestoreConfig, base: ResolvedModel, tuned: ResolvedModel,
@@ -248,7 +252,7 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
         if not any(in_layer_group(n, group) for n in region):
             raise UserError(f"--layers {group[0]}-{group[1]}: no tensor of region "
                             f"{cfg.region!r} lies in these layers")
-        variants.append(Variant(f"layers{group[0]}-{group[1]}", group=group))
+        variants.append(Variant(f"layers{_group_text(group)}", group=group))
 
     removed = clean_stale_temps(out)
     if removed:
