@@ -14,10 +14,17 @@ from sftknow_eval.relations import RELATIONS
 DOCUMENT_SEPARATOR = "\n"
 
 
+# A quiz-style statement that carries the relation's question wording (never the SFT markers):
+# without it, knowledge learnt from declarative text barely transfers to question prompts of
+# relations that SFT never showed (TINY_WORLD.md).
+QUIZ_PHRASING = 'Quiz: the answer to "{question}" is {object}.'
+
+
 def fact_sentence(fact: Fact, rng: random.Random, alias_rate: float = 0.1) -> str:
     """One sentence stating ``fact``: a mapping template completed, or an extra phrasing."""
     relation = RELATIONS[fact.relation]
-    phrasings = relation.mapping_templates + relation.corpus_phrasings
+    quiz = QUIZ_PHRASING.replace("{question}", relation.question)
+    phrasings = relation.mapping_templates + relation.corpus_phrasings + (quiz,)
     choice = rng.randrange(len(phrasings))
     answer = fact.object
     others = [a for a in fact.aliases if a != fact.object]

@@ -70,9 +70,9 @@ class WorldConfig:
     test_fraction_in_domain: float = 0.25
     absent_fraction: float = 0.25
     max_exposure: int = 60
-    object_popularity_exponent: float = 1.0
+    object_popularity_exponent: float = 0.5
     alias_fraction: float = 0.5
-    pool_scale: float = 1.0
+    pool_scale: float = 1.5
     relations: tuple[str, ...] = field(default_factory=lambda: tuple(RELATIONS))
 
     def to_dict(self) -> dict:

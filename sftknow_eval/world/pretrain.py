@@ -39,7 +39,7 @@ class ModelShape:
 class PretrainSettings:
     """How the base model is pretrained."""
 
-    epochs: float = 6.0
+    epochs: float = 12.0
     learning_rate: float = 2e-3
     batch_size: int = 32
     warmup_fraction: float = 0.05

@@ -1,0 +1,68 @@
+"""The tiny world: a seeded generator, a quick build, and the shipped world's fitness."""
+
+import json
+
+import pytest
+
+from sftknow_eval.facts import read_jsonl
+from sftknow_eval.prompts import ANSWER_MARKER, QUESTION_MARKER
+from sftknow_eval.relations import IN_DOMAIN, OUT_OF_DOMAIN
+from sftknow_eval.world.build import BuildRecipe, build_world, split_files
+from sftknow_eval.world.corpus import build_corpus
+from sftknow_eval.world.knowledge import WorldConfig, generate_facts
+from sftknow_eval.world.shipped import FACT_FILES, SHIPPED_WORLD, load_all_facts, manifest
+
+
+def test_same_seed_same_knowledge_base_and_corpus():
+    config = WorldConfig(seed=7, subjects_in_domain=20, subjects_out_of_domain=8)
+    first, second = generate_facts(config), generate_facts(config)
+    assert [f.to_dict() for f in first] == [f.to_dict() for f in second]
+    assert build_corpus(first, 7) == build_corpus(second, 7)
+    other = generate_facts(WorldConfig(seed=8, subjects_in_domain=20, subjects_out_of_domain=8))
+    assert [f.subject for f in other] != [f.subject for f in first]
+
+
+def test_knowledge_base_shape():
+    facts = generate_facts(WorldConfig(seed=0))
+    assert {f.relation for f in facts} == set(IN_DOMAIN) | set(OUT_OF_DOMAIN)
+    assert len({f.subject for f in facts}) == len(facts)  # subjects are unique
+    exposures = [f.meta["exposure"] for f in facts]
+    absent = sum(e == 0 for e in exposures) / len(exposures)
+    assert 0.2 < absent < 0.3  # a quarter of the facts never appear
+    assert max(exposures) == 60 and sum(e == 1 for e in exposures) > sum(e == 60 for e in exposures)
+    assert any(len(f.aliases) > 1 for f in facts)  # some objects have aliases
+    groups = split_files(facts)
+    assert {f.domain for f in groups["train"]} == {"in"}
+    assert {f.domain for f in groups["test_out_of_domain"]} == {"out"}
+
+
+def test_corpus_states_facts_by_exposure_and_never_in_qa_format():
+    facts = generate_facts(WorldConfig(seed=1, subjects_in_domain=10, subjects_out_of_domain=5))
+    corpus = " ".join(build_corpus(facts, 1))
+    assert QUESTION_MARKER not in corpus and ANSWER_MARKER not in corpus
+    for fact in facts:
+        mentions = corpus.count(fact.subject + " ") + corpus.count(fact.subject + "'") + \
+            corpus.count(fact.subject + ".") + corpus.count(fact.subject + ",")
+        assert mentions == fact.meta["exposure"], fact
+
+
+def test_quick_build_is_complete_and_reproducible(tmp_path):
+    recipe = BuildRecipe.quick(seed=3)
+    info = build_world(tmp_path / "a", recipe, run_measurements=False, progress=False)
+    build_world(tmp_path / "b", BuildRecipe.quick(seed=3), run_measurements=False, progress=False)
+    for name in FACT_FILES.values():
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    model = tmp_path / "a" / "model"
+    for part in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (model / part).is_file()
+    assert info["counts"]["train"] == len(read_jsonl(tmp_path / "a" / FACT_FILES["train"]))
+    with pytest.raises(FileExistsError, match="--force"):
+        build_world(tmp_path / "a", recipe, run_measurements=False, progress=False)
+
+
+def test_shipped_world_is_small_and_documented():
+    total = sum(p.stat().st_size for p in SHIPPED_WORLD.rglob("*") if p.is_file())
+    assert total <= 20 * 1024 * 1024
+    info = manifest()
+    assert info["counts"]["train"] == len([f for f in load_all_facts() if f.split == "train"])
+    assert json.loads((SHIPPED_WORLD / "model" / "config.json").read_text())["model_type"] == "llama"
