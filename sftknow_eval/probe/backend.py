@@ -1,0 +1,141 @@
+"""The probe's door to lm-eval's model backends: load a model by name, draw N distinct samples.
+
+lm-eval's ``generate_until`` takes one request per completion and has no "n samples" knob,
+so every prompt is sent N times. How the N copies are made to differ depends on the backend:
+
+- ``hf`` (``HFLM`` and subclasses): all copies of a prompt go into the same batched
+  ``generate`` call (lm-eval sorts requests by length, then text, so copies are neighbours);
+  a batched multinomial draw gives each row its own random numbers. ``torch`` is seeded
+  once per call from the run seed, so a fixed seed and batch size reproduce every sample.
+- ``vllm``: every copy carries its own ``seed`` in its generation kwargs (vLLM's
+  per-request generator), derived from the run seed, so samples differ and reproduce
+  independently of batching; tensor and data parallelism are vLLM's, set in ``model_args``.
+- any other backend: copies are sent as they are (no per-request seed); whether they
+  differ is the backend's business.
+
+No response cache is used (lm-eval's ``CachingLM`` would return one answer for identical
+requests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from sftknow_eval.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def load_model(model: str, model_args: str = "", *, batch_size: int | str = 64,
+               device: str | None = None) -> Any:
+    """An lm-eval LM from the same ``--model`` / ``--model_args`` strings as ``lm_eval``.
+
+    Any failure to build it (unknown backend, missing folder or repo, bad argument, missing
+    weights) becomes a UserError that names the model and the cause.
+    """
+    from lm_eval.api.registry import get_model
+
+    try:
+        model_class = get_model(model)
+    except (ValueError, KeyError, ImportError) as error:
+        raise UserError(f"lm-eval has no model backend {model!r}: {error}") from None
+    if device is None:  # lm-eval's hf default is "cuda" even on a machine without one
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra: dict[str, Any] = {"batch_size": batch_size, "device": device}
+    try:
+        lm = model_class.create_from_arg_string(model_args, extra)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - backends raise OSError, ValueError, RuntimeError, ...
+        raise UserError(
+            f"cannot load model {model!r} with model_args {model_args!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    uncap_generation(lm)
+    return lm
+
+
+def uncap_generation(lm: Any) -> None:
+    """Let lm-eval's ``max_gen_toks`` rule: drop ``max_new_tokens`` from an hf model's
+    generation config (transformers prefers it over the ``max_length`` lm-eval passes, so a
+    checkpoint shipping ``max_new_tokens: 16`` would silently cut a 32-token probe)."""
+    config = getattr(getattr(lm, "model", None), "generation_config", None)
+    if config is not None and getattr(config, "max_new_tokens", None) is not None:
+        logger.debug("ignoring the model's generation_config max_new_tokens=%s",
+                     config.max_new_tokens)
+        config.max_new_tokens = None
+
+
+def backend_family(lm: Any) -> str:
+    """"hf", "vllm" or "other": decides how N distinct samples are obtained."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+
+        if isinstance(lm, HFLM):
+            return "hf"
+    except ImportError:  # pragma: no cover - lm-eval always ships HFLM
+        pass
+    if "vllm" in type(lm).__name__.lower():
+        return "vllm"
+    return "other"
+
+
+def generation_settings(lm: Any) -> dict[str, Any]:
+    """The hf model's own generation defaults (e.g. top_p) that apply on top of our kwargs."""
+    config = getattr(getattr(lm, "model", None), "generation_config", None)
+    if config is None:
+        return {}
+    return {key: value for key, value in config.to_diff_dict().items()
+            if key not in ("transformers_version",)}
+
+
+class Sampler:
+    """Runs prompts through an lm-eval LM: ``copies`` completions per prompt, in one call."""
+
+    def __init__(self, lm: Any):
+        self.lm = lm
+        self.family = backend_family(lm)
+
+    def generate(self, prompts: Sequence[str], copies: int, gen_kwargs: dict[str, Any],
+                 seed: int) -> list[list[str]]:
+        """``copies`` completions for each prompt (outer list: prompts, in order)."""
+        from lm_eval.api.instance import Instance
+
+        requests = []
+        for p_index, prompt in enumerate(prompts):
+            for copy in range(copies):
+                kwargs = dict(gen_kwargs)
+                if self.family == "vllm" and kwargs.get("do_sample"):
+                    kwargs["seed"] = derive_seed(seed, p_index, copy)
+                requests.append(Instance(request_type="generate_until", doc={},
+                                         arguments=(prompt, kwargs), idx=copy))
+        self._seed_everything(seed)
+        outputs = self.lm.generate_until(requests, disable_tqdm=True)
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(requests)} requests")
+        return [list(outputs[i * copies:(i + 1) * copies]) for i in range(len(prompts))]
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed)
+        except ImportError:  # pragma: no cover
+            pass
+        import torch
+
+        torch.manual_seed(seed)
