@@ -220,7 +220,7 @@ def main() -> None:
         for name, n_layers, seed in (("", layers, 0), ("2", 2 * layers, 1)):
             subprocess.run([sys.executable, __file__, "--child", "generate", str(tmp / f"base{name}"),
                             str(tmp / f"tuned{name}"), str(n_layers), str(args.shard_mb), str(seed)],
-                           check=True)
+                           check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         print(f"  generated in {time.perf_counter() - t0:.0f} s", flush=True)
         b, t, o = str(tmp / "base"), str(tmp / "tuned"), tmp / "out"
         results: dict[str, dict[str, float]] = {}

@@ -437,9 +437,12 @@ def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: t
             keep = ~is_noop
             pos, ckeys = pos[keep], ckeys[keep]
     if pos.numel():
-        v.candidates.append((name, (pos + a).numpy(), (pos + a + start).numpy(),
-                             ckeys.numpy().astype(np.int64),
-                             r[pos].numpy(), raw_view(bc[pos]).copy()))
+        # compact records (about 10 bytes each): local position, int32 key, raw base value;
+        # the global index is start + position, and r is recomputed from base/tuned values
+        local = (pos + a).numpy()
+        local = local.astype(np.int32) if local[-1] < 2**31 else local
+        v.candidates.append((name, local, start, ckeys.numpy(),
+                             r[pos].numpy() if noop is None else None, raw_view(bc[pos]).copy()))
 
 
 def _resolve(v: Variant, strategy: str, noop: int | None, starts: dict[str, int]) -> None:
@@ -447,8 +450,8 @@ def _resolve(v: Variant, strategy: str, noop: int | None, starts: dict[str, int]
     th = v.threshold
     if v.candidates:
         lens = [len(c[1]) for c in v.candidates]
-        gidx = np.concatenate([c[2] for c in v.candidates])
-        keys = np.concatenate([c[3] for c in v.candidates])
+        gidx = np.concatenate([c[1].astype(np.int64) + c[2] for c in v.candidates])
+        keys = np.concatenate([c[3] for c in v.candidates]).astype(np.int64)
     else:
         lens = []
         gidx = np.zeros(0, dtype=np.int64)
@@ -467,9 +470,10 @@ def _resolve(v: Variant, strategy: str, noop: int | None, starts: dict[str, int]
     chosen.sort()
     which = np.searchsorted(bounds, chosen, side="right") - 1
     for i in np.unique(which):
-        name, local, _, _, r, raw = v.candidates[i]
+        name, local, _, ckeys, r, raw = v.candidates[i]
         picks = chosen[which == i] - bounds[i]
         v.writer.patch(name, local[picks], raw[picks])
-        v.stats.add(name, len(picks), float(r[picks].astype(np.float64).sum()))
+        picked_r = r[picks] if r is not None else selector.keys_to_r(ckeys[picks], strategy)
+        v.stats.add(name, len(picks), float(picked_r.astype(np.float64).sum()))
     v.candidates.clear()
 

@@ -189,6 +189,12 @@ def key_to_r(key: int, strategy: str) -> float | None:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+def keys_to_r(keys: np.ndarray, strategy: str) -> np.ndarray:
+    """The r values that int32 top/bottom keys stand for (vectorised :func:`key_to_r`)."""
+    bits = keys.astype(np.int64) if strategy == "top" else INF_BITS - keys.astype(np.int64)
+    return bits.astype(np.uint32).view(np.float32)
+
+
 def reference_selection(r: torch.Tensor, n: int, strategy: str, seed: int = 0) -> torch.Tensor:
     """Brute-force reference on a whole flat r (global order): a bool mask of the n selected."""
     keys = score_keys(r.reshape(-1).float().clone(), strategy, 0, seed).numpy().astype(np.int64)
