@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.probe.commands",
     "sftknow_eval.select.commands",
     "sftknow_eval.train.commands",
+    "sftknow_eval.lm_tasks.commands",
     "sftknow_eval.restore.commands",
 )
 

@@ -15,7 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, constants, get_token, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+    get_token,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -363,4 +371,33 @@ def push_folder(
             ) from None
         raise _hub_error(error, repo_id, None) from None
     logger.info("pushed %s to %s", source, info.commit_url)
+    return str(info.commit_url)
+
+
+# ---------------------------------------------------------------------------------------
+# model cards of existing repos
+
+
+def load_model_card(repo_id: str, revision: str | None = None) -> ModelCard:
+    """The model card (README.md) of the Hub repo ``repo_id``; an empty card if it has none."""
+    validate_repo_id(repo_id)
+    try:
+        return ModelCard.load(repo_id, token=get_token(), ignore_metadata_errors=True)
+    except EntryNotFoundError:
+        return ModelCard.from_template(ModelCardData())
+    except HfHubHTTPError as error:
+        raise _hub_error(error, repo_id, revision) from None
+
+
+def push_model_card(repo_id: str, card: ModelCard, commit_message: str) -> str:
+    """Replace the README.md of the Hub repo ``repo_id`` with ``card``; returns the commit URL."""
+    validate_repo_id(repo_id, require_namespace=True)
+    if is_offline():
+        raise UserError("cannot push: HF_HUB_OFFLINE is set")
+    api = _api(_require_token())
+    try:
+        info = api.upload_file(path_or_fileobj=str(card).encode("utf-8"), path_in_repo="README.md",
+                               repo_id=repo_id, commit_message=commit_message)
+    except HfHubHTTPError as error:
+        raise _hub_error(error, repo_id, None) from None
     return str(info.commit_url)

@@ -1,0 +1,169 @@
+"""Writes an lm-eval task family for any mastery-annotated fact set (buckets belong to a base
+model): one generate_until task per (domain, bucket), a group per domain whose score is the
+unweighted mean over its buckets (the paper's Acc), and a top group holding both.
+
+A family folder is self-contained: YAMLs, a ``utils.py`` shim over ``scoring.py`` and the
+bucket data in ``data/``, found relative to ``utils.py``, so ``lm_eval --include_path <folder>``
+works from any working directory. An empty bucket gets no task: the group lists the buckets
+that exist and ``absent_buckets`` in its metadata names the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftknow_eval.errors import UserError
+from sftknow_eval.facts import Fact
+from sftknow_eval.prompts import ANSWER_MARKER, QUESTION_MARKER
+
+DOMAINS = {"in": "id", "out": "ood"}
+UTILS_SHIM = '''"""lm-eval hooks of this task family (written by `sftknow-eval tasks write`)."""
+
+from pathlib import Path
+
+from sftknow_eval.lm_tasks import scoring
+
+FOLDER = Path(__file__).resolve().parent
+
+
+def load_bucket(**kwargs):
+    return scoring.load_bucket(FOLDER, **kwargs)
+
+
+process_results = scoring.process_results
+'''
+
+
+def bucket_task(family: str, domain: str, bucket: str) -> str:
+    """The task name of one bucket, e.g. ``sftknow_tiny_id_D2``."""
+    return f"{family}_{DOMAINS[domain]}_{bucket}"
+
+
+def domain_group(family: str, domain: str) -> str:
+    return f"{family}_{DOMAINS[domain]}"
+
+
+def _task_config(family: str, domain: str, bucket: str, data: str, model_key: str) -> dict:
+    return {
+        "task": bucket_task(family, domain, bucket),
+        "custom_dataset": "!function utils.load_bucket",
+        "dataset_kwargs": {"data": data},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": f"{QUESTION_MARKER} {{{{question}}}} {ANSWER_MARKER}",
+        "doc_to_target": "{{answer}}",
+        "target_delimiter": " ",
+        "generation_kwargs": {"until": ["\n", QUESTION_MARKER], "do_sample": False,
+                              "temperature": 0.0, "max_gen_toks": 16},
+        "filter_list": [{"name": "none", "filter": [{"function": "take_first"}]}],
+        "process_results": "!function utils.process_results",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_per_item", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0, "bucket": bucket, "domain": domain,
+                     "mastery_model": model_key},
+    }
+
+
+def _group_config(family: str, domain: str, buckets: list[str], absent: list[str],
+                  model_key: str, scheme: str) -> dict:
+    unweighted = {"aggregation": "mean", "weight_by_size": False, "filter_list": ["none"]}
+    return {
+        "group": domain_group(family, domain),
+        "task": [bucket_task(family, domain, b) for b in buckets],
+        "aggregate_metric_list": [
+            {"metric": "acc", **unweighted},
+            {"metric": "exact_match", **unweighted},
+            {"metric": "acc_per_item", "aggregation": "mean", "weight_by_size": True,
+             "filter_list": ["none"]},
+        ],
+        "metadata": {"version": 1.0, "scheme": scheme, "mastery_model": model_key,
+                     "buckets": buckets, "absent_buckets": absent},
+    }
+
+
+def _dump(config: dict, path: Path) -> None:
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=100)
+    # lm-eval resolves "!function module.name" tags; safe_dump quotes them, so unquote.
+    text = text.replace("'!function ", "!function ").replace("utils.load_bucket'", "utils.load_bucket")
+    text = text.replace("utils.process_results'", "utils.process_results")
+    path.write_text(text, encoding="utf-8")
+
+
+def _doc(fact: Fact, category: str) -> dict[str, Any]:
+    return {"id": fact.id, "relation": fact.relation, "question": fact.question,
+            "answer": fact.object, "aliases": fact.answers(), "category": category}
+
+
+def write_family(
+    facts: list[Fact], model_key: str, scheme: str, buckets: tuple[str, ...], family: str,
+    out: str | os.PathLike[str], *, splits: tuple[str, ...] = ("test",), force: bool = False,
+) -> dict[str, Any]:
+    """Write the family ``family`` for ``facts`` (of ``splits``) into ``out``; returns a summary
+    with the item count of every (domain, bucket), absent buckets included as 0."""
+    if not family.replace("_", "").isalnum():
+        raise UserError(f"family name {family!r} must be letters, digits and underscores")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    chosen = [f for f in facts if f.split in splits]
+    if not chosen:
+        raise UserError(f"no facts of split(s) {', '.join(splits)} to write tasks for")
+    docs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for fact in chosen:
+        category = fact.category(model_key)
+        if category is None:
+            raise UserError(f"fact {fact.id} has no mastery category for {model_key!r}; "
+                            "probe the data first (sftknow-eval probe)")
+        if category not in buckets:
+            raise UserError(f"fact {fact.id}: category {category!r} is not one of the "
+                            f"{scheme} buckets {', '.join(buckets)}")
+        docs[(fact.domain, category)].append(_doc(fact, category))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    summary: dict[str, Any] = {"family": family, "mastery_model": model_key, "scheme": scheme,
+                               "groups": {}, "items": {}}
+    try:
+        (staging / "utils.py").write_text(UTILS_SHIM, encoding="utf-8")
+        (staging / "data").mkdir()
+        top_children = []
+        for domain in DOMAINS:
+            present = [b for b in buckets if docs.get((domain, b))]
+            absent = [b for b in buckets if not docs.get((domain, b))]
+            if not present:
+                continue
+            for bucket in present:
+                data = f"data/{DOMAINS[domain]}_{bucket}.jsonl"
+                rows = sorted(docs[(domain, bucket)], key=lambda d: d["id"])
+                (staging / data).write_text(
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+                _dump(_task_config(family, domain, bucket, data, model_key),
+                      staging / f"{bucket_task(family, domain, bucket)}.yaml")
+            group = domain_group(family, domain)
+            _dump(_group_config(family, domain, present, absent, model_key, scheme),
+                  staging / f"_{group}.yaml")
+            top_children.append(group)
+            summary["groups"][group] = present
+            summary["items"][group] = {b: len(docs.get((domain, b), [])) for b in buckets}
+        _dump({"group": family, "task": top_children,
+               "metadata": {"version": 1.0, "scheme": scheme, "mastery_model": model_key}},
+              staging / f"_{family}.yaml")
+        (staging / "family.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
