@@ -1,6 +1,7 @@
 """The tiny world: a seeded generator, a quick build, and the shipped world's fitness."""
 
 import json
+import re
 
 import pytest
 
@@ -41,8 +42,7 @@ def test_corpus_states_facts_by_exposure_and_never_in_qa_format():
     corpus = " ".join(build_corpus(facts, 1))
     assert QUESTION_MARKER not in corpus and ANSWER_MARKER not in corpus
     for fact in facts:
-        mentions = corpus.count(fact.subject + " ") + corpus.count(fact.subject + "'") + \
-            corpus.count(fact.subject + ".") + corpus.count(fact.subject + ",")
+        mentions = len(re.findall(rf"\b{fact.subject}\b", corpus))
         assert mentions == fact.meta["exposure"], fact
 
 
