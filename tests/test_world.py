@@ -66,3 +66,29 @@ def test_shipped_world_is_small_and_documented():
     info = manifest()
     assert info["counts"]["train"] == len([f for f in load_all_facts() if f.split == "train"])
     assert json.loads((SHIPPED_WORLD / "model" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_shipped_model_knowledge_is_graded_by_exposure():
+    """Greedy cloze on the shipped model: success rises with corpus frequency, with no cliff."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftknow_eval.world.knowledge import EXPOSURE_BANDS, exposure_band
+    from sftknow_eval.world.measure import rate_by_band, template_success
+    from sftknow_eval.world.shipped import model_path
+
+    rng = random.Random(0)
+    facts = load_all_facts()
+    sample = []
+    for band in EXPOSURE_BANDS:
+        members = [f for f in facts if exposure_band(f.meta["exposure"]) == band]
+        sample += rng.sample(members, 60)
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    model = AutoModelForCausalLM.from_pretrained(model_path())
+    rates = {band: value["rate"] for band, value in
+             rate_by_band(sample, template_success(model, tokenizer, sample, 5)).items()}
+    assert rates["0"] < 0.05
+    assert 0.05 < rates["1-2"] < 0.5  # rare facts: sometimes known, not a cliff
+    assert rates["0"] < rates["1-2"] < rates["6-15"] < rates["16+"]
+    assert rates["16+"] > 0.6
