@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.errors import UserError
 from sftknow_eval.facts import Fact
 from sftknow_eval.prompts import ANSWER_MARKER, QUESTION_MARKER
@@ -130,11 +129,9 @@ def write_family(
                             f"{scheme} buckets {', '.join(buckets)}")
         docs[(fact.domain, category)].append(_doc(fact, category))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     summary: dict[str, Any] = {"family": family, "mastery_model": model_key, "scheme": scheme,
                                "groups": {}, "items": {}}
-    try:
+    with atomic_folder(out) as staging:
         (staging / "utils.py").write_text(UTILS_SHIM, encoding="utf-8")
         (staging / "data").mkdir()
         top_children = []
@@ -160,10 +157,4 @@ def write_family(
                "metadata": {"version": 1.0, "scheme": scheme, "mastery_model": model_key}},
               staging / f"_{family}.yaml")
         (staging / "family.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary

@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.facts import Fact, write_jsonl
 from sftknow_eval.relations import RELATIONS
 from sftknow_eval.versions import library_versions
@@ -130,9 +129,7 @@ def build_world(
             model, tokenizer, facts, recipe.extraction
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         model.save_pretrained(staging / MODEL_DIR, safe_serialization=True)
         tokenizer.save_pretrained(staging / MODEL_DIR)
         for name, group in split_files(facts).items():
@@ -154,10 +151,4 @@ def build_world(
             "versions": library_versions(),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
