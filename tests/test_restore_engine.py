@@ -140,3 +140,27 @@ def test_exact_against_full_sort(tmp_path, case):
             assert torch.equal(got[name], want[name]), (k, name)
         stats = json.loads((folder / "restore_stats.json").read_text())
         assert stats["restored_elements"] == count
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_exact_with_heavy_bins(tmp_path, case):
+    """Tiny heavy-bin thresholds force the exact-key counting path (ties decided on the spot)."""
+    rng = np.random.default_rng(100 + case)
+    dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
+    strategy = ["top", "bottom", "random"][(case // 3) % 3]
+    base, tuned = make_pair(rng, layers=3, dtype=dtype, ties=case % 2 == 0,
+                            zeros=case % 4 == 1, unchanged=0.5 if case % 5 == 0 else 0.0)
+    ks = [0.5, 1, 5, 20, 50, 99.9]
+    region = ["transformer", "all", "mlp"][case % 3]
+    result = run(tmp_path, base, tuned, k=ks, strategy=strategy, region=region, seed=case,
+                 shards=1 + case % 3, chunk=[1 << 22, 37, 64, 5][case % 4],
+                 heavy_bin_elements=[1, 3, 17, 200][case % 4])
+    names = select_region(tuned, region, set(tuned))
+    for k in ks:
+        folder = result.folders[f"{strategy}{k:g}"]
+        got = load_dir(folder)
+        want, count = expected(base, tuned, names, k, strategy, seed=case)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (k, name)
+        stats = json.loads((folder / "restore_stats.json").read_text())
+        assert stats["restored_elements"] == count

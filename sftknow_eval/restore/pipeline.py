@@ -1,11 +1,14 @@
 """The restore engine: preflight, then two streaming passes that join reader, selector and writer.
 
 Usable from Python without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
-Pass 1 reads every tensor once (NaN/Inf checks, per-tensor summed r, the key histogram);
-pass 2 reads them again and writes every requested variant at once; the few elements in each
-k's threshold bin are then decided exactly and patched in place. Memory: one chunk of
-``chunk_elements`` elements in float32 work buffers, one open shard per model, a 64 MB
-histogram, and the threshold-bin candidates.
+Pass 1 reads every tensor once (NaN/Inf checks, per-tensor summed r, the key histogram and
+the exact key counts of heavy bins); pass 2 reads them again and writes every requested variant
+at once, deciding each element on the spot except the first few of each k's threshold bin,
+which are recorded and patched in place once the exact threshold key is known (see
+``selector``). Both passes visit tensors in natural name order (the global element order).
+Memory: one chunk of ``chunk_elements`` elements in work buffers, one open shard per model, a
+64 MB histogram, a 32 MB bin table and at most ~32 MB of exact key counts, and per k fewer than
+``heavy_bin_elements`` plus one chunk of recorded candidates.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class RestoreConfig:
     chunk_elements: int = 1 << 20
     progress: bool = True
     threads: int = 1
+    heavy_bin_elements: int | None = None  # None: max(2**18, region elements / 2**14)
 
 
 @dataclass
@@ -85,9 +89,13 @@ class Variant:
     stats: VariantStats = field(default_factory=VariantStats)
     folder: Path | None = None
     writer: ShardedWriter | None = None
-    candidates: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
+    candidates: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
         field(default_factory=list))
-    noop_counts: dict[str, int] = field(default_factory=dict)
+    early_left: int = 0  # threshold-bin elements still to record before the cut is known
+    late_counts: np.ndarray | None = None  # exact-key counts of the bin's later elements
+    bin_total: int = 0
+    cut: int | None = None  # the exact threshold key, once known
+    ties_left: int = 0  # elements with key == cut still to take (first ones in global order)
     threshold_r: float | None = None
 
 
@@ -176,6 +184,8 @@ class _Buffers:
         self.scratch = torch.empty(size, dtype=torch.float32)
         self.keys = torch.empty(size, dtype=torch.int32)
         self.bins = torch.empty(size, dtype=torch.int32)
+        self.slots = torch.empty(size, dtype=torch.int32)
+        self.low = torch.empty(size, dtype=torch.int32)
         self.mask = torch.empty(size, dtype=torch.bool)
         self.cand = torch.empty(size, dtype=torch.bool)
         # float64 counts are exact below 2**53 and index_add_ is fastest on floating types
@@ -206,12 +216,33 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
     Torch runs with ``cfg.threads`` threads (default 1) for the duration: the per-chunk work is
     memory-bound, and on a busy machine OpenMP's barriers made two threads 15x slower than one.
     """
+    _pin_malloc_mmap_threshold()
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
     try:
         return _restore(cfg)
     finally:
         torch.set_num_threads(previous)
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """glibc only, best effort: serve every allocation above 256 KiB by its own mmap.
+
+    By default glibc raises that threshold each time a large block is freed, after which the
+    per-chunk temporaries (megabytes each, thousands of chunks) come from the heap, fragment
+    it, and the process keeps gigabytes it no longer uses: peak RSS then grew with the model.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
 
 
 def _restore(cfg: RestoreConfig) -> RestoreResult:
@@ -298,12 +329,14 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     strategy = cfg.strategy
     buffers = _Buffers(cfg.chunk_elements)
     selecting = [v for v in variants if v.k is not None]
-    noop = selector.noop_key(strategy)
     tensor_stats = {name: TensorStats(tuned.tensors[name].numel) for name in region}
-    order = [name for _, names in tuned.names_by_file() for name in names]
+    # natural name order in both passes: region tensors then come in global element order,
+    # which the tie-break (lower global index first) and the early/late split rely on
+    order = sorted(tuned.tensors, key=natural_key)
 
     # ---- pass 1: checks, summed r, key histogram -------------------------------------------
     hist = torch.zeros(selector.NUM_BINS, dtype=torch.float64) if selecting else None
+    ties = selector.TieCounts(total, cfg.heavy_bin_elements) if selecting else None
     any_change = False
     for name in tqdm(order, desc="restore pass 1/2", unit="tensor", disable=not cfg.progress):
         info = tuned.tensors[name]
@@ -324,6 +357,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
                 keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed, buffers.keys)
                 bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT, out=buffers.bins[:e - a])
                 hist.index_add_(0, bins, buffers.ones[:e - a])
+                ties.add(hist, bins, keys, buffers.ones, buffers.slots, buffers.low)
     region_sum = sum(t.sum_r for t in tensor_stats.values())
     if region_sum == 0:
         what = "identical" if not any_change else "identical inside the region"
@@ -335,9 +369,11 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         return
     thresholds = selector.threshold_bins(hist, [selector.count_to_select(total, v.k)
                                                 for v in selecting]) if hist is not None else []
-    del hist
     for v, th in zip(selecting, thresholds, strict=True):
         v.threshold = th
+        v.bin_total = int(hist[th.bin])
+        v.early_left, v.late_counts = ties.of_bin(th.bin, v.bin_total)
+    del hist, ties
 
     # ---- pass 2: write every variant -----------------------------------------------------
     layout = tuned.output_layout()
@@ -362,8 +398,9 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
                 if selecting:
                     keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed,
                                                buffers.keys)
-                    bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT,
-                                                     out=buffers.bins[:m])
+                    if any(v.cut is None for v in selecting):
+                        bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT,
+                                                         out=buffers.bins[:m])
                 for v in variants:
                     if v.group is not None:
                         if in_layer_group(name, v.group):
@@ -372,10 +409,10 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
                         else:
                             v.writer.write(name, a, tc)
                         continue
-                    _select_chunk(v, name, a, m, bc, tc, r, keys, bins, noop, starts[name],
-                                  buffers)
+                    _select_chunk(v, name, a, m, bc, tc, r, keys, bins, strategy, buffers)
         for v in selecting:
-            _resolve(v, strategy, noop, starts)
+            if v.cut is None or v.ties_left:
+                raise AssertionError(f"{v.name}: pass 2 did not meet the elements pass 1 counted")
     except BaseException:
         for v in variants:
             if v.writer is not None:
@@ -413,67 +450,67 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
 
 
 def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: torch.Tensor,
-                  r: torch.Tensor, keys: torch.Tensor, bins: torch.Tensor, noop: int | None,
-                  start: int, buffers: _Buffers) -> None:
-    """Restore the sure elements of one chunk for one k; record its threshold-bin candidates."""
+                  r: torch.Tensor, keys: torch.Tensor, bins: torch.Tensor | None, strategy: str,
+                  buffers: _Buffers) -> None:
+    """Write one chunk of one k's variant; until the cut is known, record threshold-bin elements."""
     th = v.threshold
-    sure = torch.ge(keys, th.lo_key_sure, out=buffers.mask[:m])
-    out = torch.where(sure, bc, tc, out=buffers.out(tc.dtype, m))
+    if v.cut is None:
+        pos = torch.nonzero(torch.eq(bins, th.bin, out=buffers.cand[:m])).reshape(-1)
+        if pos.numel() < v.early_left:  # every threshold-bin element here is an early one
+            sure = torch.ge(keys, th.lo_key_sure, out=buffers.mask[:m])
+            _write_selected(v, name, a, m, bc, tc, r, sure, buffers)
+            v.early_left -= pos.numel()
+            if pos.numel():
+                # compact records: local position, int32 key, float32 r, raw base value
+                local = (pos + a).numpy()
+                local = local.astype(np.int32) if local[-1] < 2**31 else local
+                v.candidates.append((name, local, keys[pos].numpy().copy(),
+                                     r[pos].numpy().copy(), raw_view(bc[pos]).copy()))
+            return
+        _resolve(v, keys[pos[:v.early_left]].numpy(), strategy)
+    sel = torch.gt(keys, v.cut, out=buffers.mask[:m])
+    if v.ties_left:
+        tied = torch.nonzero(torch.eq(keys, v.cut, out=buffers.cand[:m])).reshape(-1)
+        tied = tied[:v.ties_left]
+        sel[tied] = True
+        v.ties_left -= tied.numel()
+    _write_selected(v, name, a, m, bc, tc, r, sel, buffers)
+
+
+def _write_selected(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: torch.Tensor,
+                    r: torch.Tensor, sel: torch.Tensor, buffers: _Buffers) -> None:
+    out = torch.where(sel, bc, tc, out=buffers.out(tc.dtype, m))
     v.writer.write(name, a, out)
-    count = int(sure.sum())
+    count = int(sel.sum())
     if count:
-        sum_r = float(torch.mul(r, sure, out=buffers.scratch[:m]).sum())
+        sum_r = float(torch.mul(r, sel, out=buffers.scratch[:m]).sum())
         v.stats.add(name, count, sum_r)
-    cand = torch.eq(bins, th.bin, out=buffers.cand[:m])
-    pos = torch.nonzero(cand).reshape(-1)
-    if not pos.numel():
-        return
-    ckeys = keys[pos]
-    if noop is not None:
-        is_noop = ckeys == noop
-        n_noop = int(is_noop.sum())
-        if n_noop:
-            v.noop_counts[name] = v.noop_counts.get(name, 0) + n_noop
-            keep = ~is_noop
-            pos, ckeys = pos[keep], ckeys[keep]
-    if pos.numel():
-        # compact records (about 10 bytes each): local position, int32 key, raw base value;
-        # the global index is start + position, and r is recomputed from base/tuned values
-        local = (pos + a).numpy()
-        local = local.astype(np.int32) if local[-1] < 2**31 else local
-        v.candidates.append((name, local, start, ckeys.numpy(),
-                             r[pos].numpy() if noop is None else None, raw_view(bc[pos]).copy()))
 
 
-def _resolve(v: Variant, strategy: str, noop: int | None, starts: dict[str, int]) -> None:
-    """Decide the threshold bin exactly and patch the chosen elements into the written files."""
+def _resolve(v: Variant, early_here: np.ndarray, strategy: str) -> None:
+    """All early elements seen: fix the exact threshold key, patch the recorded candidates."""
     th = v.threshold
-    if v.candidates:
-        lens = [len(c[1]) for c in v.candidates]
-        gidx = np.concatenate([c[1].astype(np.int64) + c[2] for c in v.candidates])
-        keys = np.concatenate([c[3] for c in v.candidates]).astype(np.int64)
-    else:
-        lens = []
-        gidx = np.zeros(0, dtype=np.int64)
-        keys = np.zeros(0, dtype=np.int64)
-    noop_list = list(v.noop_counts.items())
-    noop_counts = [(starts[name], count) for name, count in noop_list]  # ordered by global start
-    chosen, noop_take, last_key = selector.resolve_candidates(keys, gidx, th.take, noop,
-                                                              noop_counts)
-    v.threshold_r = selector.key_to_r(last_key, strategy)
-    for (name, _), taken in zip(noop_list, noop_take, strict=True):
-        if taken:
-            v.stats.add(name, taken, 0.0)
-    if not len(chosen):
-        return
-    bounds = np.cumsum([0] + lens)
-    chosen.sort()
-    which = np.searchsorted(bounds, chosen, side="right") - 1
-    for i in np.unique(which):
-        name, local, _, ckeys, r, raw = v.candidates[i]
-        picks = chosen[which == i] - bounds[i]
-        v.writer.patch(name, local[picks], raw[picks])
-        picked_r = r[picks] if r is not None else selector.keys_to_r(ckeys[picks], strategy)
-        v.stats.add(name, len(picks), float(picked_r.astype(np.float64).sum()))
+    stored = (np.concatenate([c[2] for c in v.candidates]) if v.candidates
+              else np.zeros(0, dtype=np.int32))
+    counts = v.late_counts.copy()
+    counts += np.bincount(stored & (selector.FINE - 1), minlength=selector.FINE)
+    counts += np.bincount(early_here & (selector.FINE - 1), minlength=selector.FINE)
+    if int(counts.sum()) != v.bin_total:
+        raise AssertionError(f"{v.name}: threshold bin holds {counts.sum():.0f} elements in pass "
+                             f"2 but {v.bin_total} in pass 1")
+    low, above_in_bin = selector.fine_cut(counts, th.take)
+    v.cut = (th.bin << selector.BIN_SHIFT) | low
+    v.threshold_r = selector.key_to_r(v.cut, strategy)
+    m = th.take - above_in_bin
+    tied = stored == v.cut
+    chosen = (stored > v.cut) | (tied & (np.cumsum(tied) <= m))  # stored in global order
+    v.ties_left = m - min(m, int(tied.sum()))
+    offset = 0
+    for name, local, _, r, raw in v.candidates:
+        picks = np.flatnonzero(chosen[offset:offset + len(local)])
+        offset += len(local)
+        if len(picks):
+            v.writer.patch(name, local[picks], raw[picks])
+            v.stats.add(name, len(picks), float(r[picks].astype(np.float64).sum()))
     v.candidates.clear()
-
+    v.late_counts = None

@@ -12,12 +12,19 @@ No file I/O here. The selection rule, which the streaming engine reproduces exac
   ``(-key, global index)``. Ties are therefore broken by position, lower global index first.
   This is what ``torch.sort(r, descending=True, stable=True)[:n]`` gives for ``top``.
 
-Streaming selection (two passes, memory bounded by one chunk): pass 1 builds a histogram of
-``key >> BIN_SHIFT``; :func:`threshold_bins` finds, per k, the bin holding the n-th element and
-how many elements lie in higher bins (all selected). Pass 2 selects those, and records only the
-elements inside the threshold bin as candidates; :func:`resolve_candidates` orders them
-exactly. Elements with r == 0 (tuned equals base, restoring them is a no-op) are counted per
-tensor instead of recorded, so a huge tie at zero costs no memory.
+Streaming selection (two passes, memory bounded by one chunk plus fixed-size tables). Both
+passes visit tensors in global order. Pass 1 builds a histogram of ``key >> BIN_SHIFT``
+(:func:`threshold_bins` then finds, per k, the bin holding the n-th element and how many elements
+lie in higher bins) and, in :class:`TieCounts`, exact per-key counts for every *heavy* bin (one
+that has reached ``heavy`` elements), counted from the chunk after it became heavy. bf16 and
+fp16 inputs make r take few distinct values, so exact ties are huge; these counts are what lets
+pass 2 decide them without storing them. In pass 2, for each k, the first ``early`` elements of
+the threshold bin (those pass 1 saw before the bin became heavy: fewer than ``heavy`` plus one
+chunk; every element of a light bin) are recorded as candidates; once the last of them is seen,
+their keys plus the heavy bin's counts give the exact threshold key ``cut`` and how many elements
+equal to it are taken (:func:`fine_cut`): the first ``m`` in global order. The candidates are
+patched then, and every later element is decided on the spot: ``key > cut``, or ``key == cut``
+while fewer than ``m`` such were taken (a running counter).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ EPS = 1e-8
 INF_BITS = 0x7F800000  # float32 +inf; every finite non-negative r has smaller bits
 BIN_SHIFT = 8
 NUM_BINS = (1 << 31) >> BIN_SHIFT  # keys are < 2**31 for every strategy
+FINE = 1 << BIN_SHIFT  # exact keys per bin
+DETECT_STRIDE = 64  # heavy bins are spotted on every 64th element of a chunk (cheap; exactness
+# does not depend on it, only how early a bin starts being counted exactly)
 STRATEGIES = ("top", "bottom", "random")
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x045D9F3B  # < 2**27, so products of 32-bit values stay inside int64
@@ -102,11 +112,6 @@ def score_keys(r: torch.Tensor, strategy: str, start: int, seed: int,
     return torch.sub(INF_BITS, bits, out=keys)
 
 
-def noop_key(strategy: str) -> int | None:
-    """The key that r == 0 maps to (no-op restorations); None where it is not a single value."""
-    return {"top": 0, "bottom": INF_BITS}.get(strategy)
-
-
 @dataclass(frozen=True)
 class Threshold:
     """Where the n-th selected element lies: every key >= ``lo_key_sure`` is selected, and
@@ -139,43 +144,55 @@ def threshold_bins(hist: torch.Tensor, counts: list[int]) -> list[Threshold]:
     return out
 
 
-def resolve_candidates(keys: np.ndarray, gidx: np.ndarray, take: int, noop: int | None,
-                       noop_counts: list[tuple[int, int]]) -> tuple[np.ndarray, list[int], int]:
-    """Exact choice inside the threshold bin.
+def fine_cut(counts: np.ndarray, take: int) -> tuple[int, int]:
+    """Inside one bin: the low bits of the key holding the ``take``-th largest element, and how
+    many elements of the bin have larger keys. ``counts`` holds the bin's FINE exact-key counts."""
+    from_top = np.cumsum(np.asarray(counts, dtype=np.float64)[::-1])
+    if take <= 0 or take > from_top[-1]:
+        raise AssertionError(f"cannot take {take} of the {from_top[-1]:.0f} elements in the bin")
+    pos = int(np.searchsorted(from_top, float(take), side="left"))
+    return len(counts) - 1 - pos, int(from_top[pos - 1]) if pos > 0 else 0
 
-    ``keys``/``gidx``: recorded candidates (never the no-op key); ``noop_counts``: per tensor,
-    (global start, count of candidates whose key is the no-op key). Returns the positions of the
-    chosen recorded candidates, how many no-op elements each tensor contributes, and the key of
-    the last element taken (the exact threshold key).
+
+class TieCounts:
+    """Exact per-key counts of the heavy bins, gathered in pass 1 alongside the histogram.
+
+    A bin becomes heavy once the histogram shows ``heavy`` elements in it (checked after each
+    chunk on every DETECT_STRIDE-th element); from the next chunk on, its elements are counted
+    per exact key. ``early[bin]`` is the histogram count when it was marked: the elements that
+    pass 2 must record as candidates before the bin's exact key counts are complete. At most
+    ``total // heavy`` bins can become heavy, so the table is at most that many x FINE counts.
     """
-    order = np.lexsort((gidx, -keys))
-    keys_sorted = keys[order]
-    if noop is None:
-        above, below = order, order[:0]
-    else:
-        split = int(np.searchsorted(-keys_sorted, -noop, side="left"))
-        above, below = order[:split], order[split:]
-    noop_total = sum(c for _, c in noop_counts)
-    if take > len(above) + noop_total + len(below):
-        raise AssertionError("threshold bin holds fewer candidates than the histogram said")
-    chosen_above = above[:take]
-    rest = take - len(chosen_above)
-    noop_take = []
-    for _, count in sorted(noop_counts):
-        t = min(count, rest)
-        noop_take.append(t)
-        rest -= t
-    order_index = {start: i for i, (start, _) in enumerate(sorted(noop_counts))}
-    noop_by_input = [noop_take[order_index[start]] for start, _ in noop_counts]
-    chosen_below = below[:rest]
-    chosen = np.concatenate([chosen_above, chosen_below])
-    if len(chosen_below):
-        last_key = int(keys[chosen_below[-1]])
-    elif take > len(above):
-        last_key = int(noop)  # type: ignore[arg-type]  # the no-op block was reached
-    else:
-        last_key = int(keys[chosen_above[-1]])
-    return chosen, noop_by_input, last_key
+
+    def __init__(self, total: int, heavy: int | None = None):
+        self.heavy = max(1, heavy if heavy else max(1 << 18, total >> 14))
+        self.slot_of_bin = torch.zeros(NUM_BINS, dtype=torch.int32)  # slot 0: not heavy (trash)
+        self.counts = torch.zeros((total // self.heavy + 2) * FINE, dtype=torch.float64)
+        self.early: dict[int, int] = {}
+        self._next = 1
+
+    def add(self, hist: torch.Tensor, bins: torch.Tensor, keys: torch.Tensor, ones: torch.Tensor,
+            scratch: torch.Tensor, low: torch.Tensor) -> None:
+        """Count one chunk (``hist`` already includes it); ``scratch``/``low``: int32 buffers."""
+        n = bins.numel()
+        if self._next > 1:
+            slots = torch.index_select(self.slot_of_bin, 0, bins, out=scratch[:n])
+            slots.mul_(FINE).add_(torch.bitwise_and(keys, FINE - 1, out=low[:n]))
+            self.counts.index_add_(0, slots, ones[:n])
+        sample = bins[::DETECT_STRIDE]
+        hot = (hist[sample] >= self.heavy) & (self.slot_of_bin[sample] == 0)
+        if bool(hot.any()):
+            for b in torch.unique(sample[hot]).tolist():
+                self.slot_of_bin[b] = self._next
+                self.early[b] = int(hist[b])
+                self._next += 1
+
+    def of_bin(self, b: int, bin_total: int) -> tuple[int, np.ndarray]:
+        """(early count, exact-key counts of the later elements) for bin ``b``."""
+        slot = int(self.slot_of_bin[b])
+        if slot == 0:
+            return bin_total, np.zeros(FINE, dtype=np.float64)
+        return self.early[b], self.counts[slot * FINE:(slot + 1) * FINE].numpy().copy()
 
 
 def key_to_r(key: int, strategy: str) -> float | None:
