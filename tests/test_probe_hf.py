@@ -64,3 +64,37 @@ def test_model_max_new_tokens_does_not_cap_the_probe(hf_lm: Any) -> None:
     uncap_generation(hf_lm)
     outputs = Sampler(hf_lm).generate(["varo is located in"], 4, KWARGS, seed=0)[0]
     assert max(len(text.split()) for text in outputs) > 2
+
+
+def test_cli_end_to_end(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sftknow_eval.cli import main
+    from sftknow_eval.facts import write_jsonl
+    from sftknow_eval.probe.annotated import load_annotated
+
+    source = write_jsonl(facts(), tmp_path / "facts.jsonl")
+    argv = ["probe", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--device", "cpu",
+            "--facts", str(source), "--out", str(tmp_path / "out"), "--templates", "2", "--samples", "3",
+            "--max-new-tokens", "6", "--no-progress"]
+    assert main(argv) == 0
+    annotated, key, scheme = load_annotated(tmp_path / "out")
+    assert key == "model" and scheme == "ye2025" and len(annotated) == len(TINY_SUBJECTS)
+    assert all(f.mastery["model"]["samples"] == 6 for f in annotated)
+    assert (tmp_path / "out" / "dataset").is_dir()
+    assert main(argv[:-1] + ["--samples", "4", "--no-progress"]) == 2
+    assert "different probe run" in capsys.readouterr().err
+    bad = ["probe", "--model-args", f"pretrained={tmp_path / 'nope'}", "--device", "cpu",
+           "--facts", str(source), "--out", str(tmp_path / "out2")]
+    assert main(bad) == 2
+    assert "cannot load model" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_shipped_annotations_cover_the_world() -> None:
+    from sftknow_eval.probe.annotated import SHIPPED_ANNOTATED, load_annotated
+    from sftknow_eval.world.shipped import load_all_facts
+
+    if not (SHIPPED_ANNOTATED / "probe_config.json").is_file():
+        pytest.skip("no shipped annotations")
+    annotated, key, scheme = load_annotated(SHIPPED_ANNOTATED)
+    world = load_all_facts()
+    assert scheme == "ye2025" and {f.id for f in annotated} == {f.id for f in world}
+    assert all(f.category(key) in {"D0", "D1", "D2", "D3", "D4"} for f in annotated)

@@ -3,10 +3,15 @@
 lm-eval's ``generate_until`` takes one request per completion and has no "n samples" knob,
 so every prompt is sent N times. How the N copies are made to differ depends on the backend:
 
-- ``hf`` (``HFLM`` and subclasses): all copies of a prompt go into the same batched
-  ``generate`` call (lm-eval sorts requests by length, then text, so copies are neighbours);
-  a batched multinomial draw gives each row its own random numbers. ``torch`` is seeded
-  once per call from the run seed, so a fixed seed and batch size reproduce every sample.
+- ``hf`` (``HFLM`` and subclasses): lm-eval loads the model (dtype, device, parallelize,
+  PEFT, ...) and encodes the prompts (``tok_batch_encode``: padding, BOS, truncation); then
+  one ``model.generate`` call per batch expands each prompt N times
+  (``num_return_sequences``), so one batched multinomial draw gives every copy its own
+  random numbers; tokens whose text contains a stop string end a row early (stop strings
+  are also cut afterwards, with lm-eval's ``postprocess_generated_text``). This replaces
+  ``generate_until`` only for speed: lm-eval has no N-samples knob, and its per-step
+  string-matching stop criteria cost more than the tiny models' forward passes.
+  ``torch`` is seeded once per call, so a fixed seed and batch size reproduce every sample.
 - ``vllm``: every copy carries its own ``seed`` in its generation kwargs (vLLM's
   per-request generator), derived from the run seed, so samples differ and reproduce
   independently of batching; tensor and data parallelism are vLLM's, set in ``model_args``.
@@ -107,10 +112,63 @@ class Sampler:
     def __init__(self, lm: Any):
         self.lm = lm
         self.family = backend_family(lm)
+        self._stop_cache: dict[tuple[str, ...], list[int]] = {}
 
     def generate(self, prompts: Sequence[str], copies: int, gen_kwargs: dict[str, Any],
                  seed: int) -> list[list[str]]:
         """``copies`` completions for each prompt (outer list: prompts, in order)."""
+        if self.family == "hf":
+            return self._generate_hf(prompts, copies, gen_kwargs, seed)
+        return self._generate_until(prompts, copies, gen_kwargs, seed)
+
+    def _stop_ids(self, stops: Sequence[str]) -> list[int]:
+        """Token ids whose text contains a stop string (computed once per stop set)."""
+        key = tuple(stops)
+        if key not in self._stop_cache:
+            tokenizer = self.lm.tokenizer
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            ids = {self.lm.eot_token_id}
+            for index, piece in enumerate(pieces):
+                text = tokenizer.convert_tokens_to_string([piece]) if piece else ""
+                if any(stop and stop in text for stop in stops):
+                    ids.add(index)
+            self._stop_cache[key] = sorted(ids)
+        return self._stop_cache[key]
+
+    def _generate_hf(self, prompts: Sequence[str], copies: int, gen_kwargs: dict[str, Any],
+                     seed: int) -> list[list[str]]:
+        import torch
+        from lm_eval.models.utils import postprocess_generated_text
+
+        kwargs = dict(gen_kwargs)
+        until = list(kwargs.pop("until", []))
+        max_new = int(kwargs.pop("max_gen_toks", 32))
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0))
+        if do_sample:
+            kwargs["temperature"] = temperature
+        rows_per_call = self.lm.batch_size if isinstance(self.lm.batch_size, int) else 512
+        per_call = max(1, rows_per_call // copies)
+        stop_ids = self._stop_ids(until)
+        tokenizer = self.lm.tokenizer
+        self._seed_everything(seed)
+        results: list[list[str]] = []
+        for start in range(0, len(prompts), per_call):
+            batch = list(prompts[start:start + per_call])
+            ids, mask = self.lm.tok_batch_encode(batch, left_truncate_len=self.lm.max_length - max_new)
+            with torch.no_grad():
+                output = self.lm.model.generate(
+                    input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
+                    do_sample=do_sample, max_new_tokens=max_new, num_return_sequences=copies,
+                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **kwargs,
+                )
+            texts = [self.lm.tok_decode(row) for row in output[:, ids.shape[1]:].tolist()]
+            texts = [postprocess_generated_text(text, until, None) for text in texts]
+            results.extend(texts[i * copies:(i + 1) * copies] for i in range(len(batch)))
+        return results
+
+    def _generate_until(self, prompts: Sequence[str], copies: int, gen_kwargs: dict[str, Any],
+                        seed: int) -> list[list[str]]:
         from lm_eval.api.instance import Instance
 
         requests = []

@@ -74,6 +74,8 @@ def register(subparsers: Any) -> None:
     data.add_argument("--split", default=None, help="split to load when a SOURCE is a Hub dataset id")
     data.add_argument("--out", required=True,
                       help="output folder (new or empty, or this run's own to resume)")
+    data.add_argument("--no-dataset", action="store_true",
+                      help="skip OUT/dataset (the datasets copy of the jsonl files), to save space")
     data.add_argument("--push-to", default=None, metavar="ORG/NAME",
                       help="after probing, push the folder as a Hub dataset repo (private unless --public)")
     data.add_argument("--public", action="store_true", help="make the pushed dataset repo public")
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ModelSpec(model=args.model, model_args=args.model_args, batch_size=args.batch_size,
                      device=args.device, key=args.model_key)
     result = probe_facts(facts, spec, args.out, settings, source=" + ".join(args.facts),
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, save_dataset=not args.no_dataset)
     print(f"probed {len(result.facts)} facts with {result.model_key} ({result.scheme}); "
           f"{result.resumed_facts} resumed -> {result.out}")
     print(json.dumps(result.counts, indent=2))

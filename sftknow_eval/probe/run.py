@@ -6,7 +6,8 @@ Output folder (``load_annotated`` in ``probe.annotated`` reads it back)::
     facts/<split>.jsonl   the annotated facts, one file per fact split (e.g. train, test),
                           in input order; ``mastery[model_key]`` holds the result
     dataset/              the same facts as one ``datasets.Dataset`` (save_to_disk; mastery
-                          and meta as JSON text, plus flat ``category`` and ``score`` columns)
+                          and meta as JSON text, plus flat ``category`` and ``score`` columns);
+                          left out with ``save_dataset=False`` (the shipped tiny world's, for size)
     README.md             the dataset card (base model, revision, templates, sampling, counts)
     probe_config.json     written last: run config, library versions, counts; its presence
                           (with ``"complete": true``) is what marks the folder finished
@@ -269,13 +270,15 @@ def probe_facts(
     progress: bool = True,
     lm: Any = None,
     stop_after_chunks: int | None = None,
+    save_dataset: bool = True,
 ) -> ProbeResult:
     """Probe ``facts`` with the model of ``spec`` and write the annotated folder ``out``.
 
     Bad input fails before the model loads: an empty fact list, duplicate ids, a relation
     without mapping templates, bad settings, or an ``out`` folder holding another run. A
     finished folder of the same run is returned as is. ``lm`` passes an already loaded
-    lm-eval model (tests, benchmarks); ``stop_after_chunks`` simulates an interruption.
+    lm-eval model (tests, benchmarks); ``stop_after_chunks`` simulates an interruption;
+    ``save_dataset=False`` skips the ``dataset/`` copy (the jsonl files hold the same data).
     """
     settings = (settings or ProbeSettings()).resolved()
     out = Path(out)
@@ -369,7 +372,8 @@ def probe_facts(
         "facts_per_second_this_session": round(probed / elapsed, 3) if probed and elapsed else None,
         "versions": library_versions(),
     }
-    _finalize(out, annotated, config)
+    config["dataset_saved"] = save_dataset
+    _finalize(out, annotated, config, save_dataset)
     logger.info("wrote %s (%d facts; %d resumed)", out, len(annotated), resumed)
     return ProbeResult(annotated, model_key, settings.scheme, out, config,
                        resumed_facts=resumed, probed_facts=probed, counts=counts)
@@ -401,7 +405,7 @@ def _dataset_rows(facts: Sequence[Fact], model_key: str) -> list[dict[str, Any]]
     return rows
 
 
-def _finalize(out: Path, facts: list[Fact], config: dict[str, Any]) -> None:
+def _finalize(out: Path, facts: list[Fact], config: dict[str, Any], save_dataset: bool) -> None:
     """Write every output into a temp folder, move them in, and write the config last."""
     import datasets
 
@@ -416,10 +420,13 @@ def _finalize(out: Path, facts: list[Fact], config: dict[str, Any]) -> None:
     for split, members in splits.items():
         write_jsonl(members, tmp / FACTS_DIR / f"{split}.jsonl")
         config["files"][split] = f"{FACTS_DIR}/{split}.jsonl"
-    rows = _dataset_rows(facts, config["model_key"])
-    datasets.Dataset.from_list(rows).save_to_disk(str(tmp / DATASET_DIR))
+    if save_dataset:
+        rows = _dataset_rows(facts, config["model_key"])
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp / DATASET_DIR))
     build_card(config).save(tmp / CARD_FILE)
     for name in (FACTS_DIR, DATASET_DIR, CARD_FILE):
+        if not (tmp / name).exists():
+            continue
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
