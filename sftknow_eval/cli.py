@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.train.commands",
     "sftknow_eval.lm_tasks.commands",
     "sftknow_eval.restore.commands",
+    "sftknow_eval.analysis.commands",
 )
 
 PIPELINE = """\

@@ -25,7 +25,7 @@ def describe_world(path: str | Path | None = None, sample: int = 8, seed: int = 
         return json.dumps(info, indent=2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftknow_eval.world.measure import greedy_complete
+    from sftknow_eval.generation import greedy_complete
 
     lines = [
         f"tiny world at {folder} (seed {info['seed']}, {folder_megabytes(folder):.1f} MB on disk)",
