@@ -137,18 +137,25 @@ def baseline(base_dir: Path, tuned_dir: Path, out: Path, k: float) -> None:
         save_file(state, out / f, metadata={"format": "pt"})
 
 
-def io_floor(base_dir: Path, tuned_dir: Path, out: Path) -> None:
-    """Read both inputs once, write one output of the same size: no computation at all."""
-    out.mkdir(parents=True)
+def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1) -> None:
+    """Read both inputs once, write ``outputs`` outputs of the same size: no computation."""
+    folders = [out / f"o{i}" for i in range(outputs)]
+    for folder in folders:
+        folder.mkdir(parents=True)
     buf = bytearray(64 << 20)
     view = memoryview(buf)
     for f in sorted(tuned_dir.glob("*.safetensors")):
-        with open(base_dir / f.name, "rb", buffering=0) as b, open(f, "rb", buffering=0) as t, \
-                open(out / f.name, "wb", buffering=0) as o:
-            while b.readinto(view):
-                pass
-            while n := t.readinto(view):
-                o.write(view[:n])
+        with open(base_dir / f.name, "rb", buffering=0) as b, open(f, "rb", buffering=0) as t:
+            files = [open(folder / f.name, "wb", buffering=0) for folder in folders]  # noqa: SIM115
+            try:
+                while b.readinto(view):
+                    pass
+                while n := t.readinto(view):
+                    for o in files:
+                        o.write(view[:n])
+            finally:
+                for o in files:
+                    o.close()
 
 
 def ours(base_dir: Path, tuned_dir: Path, out: Path, ks: str) -> None:
@@ -163,6 +170,7 @@ def ours(base_dir: Path, tuned_dir: Path, out: Path, ks: str) -> None:
 # ---------------------------------------------------------------- driver
 def measure(label: str, argv: list[str], out: Path) -> dict[str, float]:
     """Run one contender in a child; wall time and the child's own peak RSS."""
+    os.sync()  # no write-back left over from the previous contender
     start = time.perf_counter()
     # same threading for every contender (restore's default is 1 thread: see pipeline.py)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -207,7 +215,7 @@ def main() -> None:
         elif kind == "baseline":
             baseline(*paths, float(rest[3]))
         elif kind == "floor":
-            io_floor(*paths)
+            io_floor(*paths, int(rest[3]) if len(rest) > 3 else 1)
         else:
             ours(*paths, rest[3])
         return
@@ -245,6 +253,8 @@ def main() -> None:
             ("io_floor", ["--child", "floor", b, t, str(o)], ("base", "tuned")),
             ("ours_1k", ["--child", "ours", b, t, str(o), one_k], ("base", "tuned")),
             ("ours_5k", ["--child", "ours", b, t, str(o), args.ks], ("base", "tuned")),
+            ("io_floor_5_outputs", ["--child", "floor", b, t, str(o), str(len(args.ks.split(",")))],
+             ("base", "tuned")),
             ("baseline_1k", ["--child", "baseline", b, t, str(o), one_k], ("base", "tuned")),
             ("ours_1k_2x_model", ["--child", "ours", str(tmp / "base2"), str(tmp / "tuned2"),
                                   str(o), one_k], ("base2", "tuned2")),
@@ -263,6 +273,9 @@ def main() -> None:
             ("peak RSS 2x model / 1x (target < 1.2)",
              results["ours_1k_2x_model"]["peak_rss_gib"] / results["ours_1k"]["peak_rss_gib"]),
         ]
+        rows.append((f"each extra k / extra I/O of one more output (information; {n_k} k)",
+                     (results["ours_5k"]["wall_s"] - results["ours_1k"]["wall_s"])
+                     / (results["io_floor_5_outputs"]["wall_s"] - floor)))
         if "baseline_1k" in results:
             rows += [
                 ("baseline peak RSS / ours (target >= 4)",
