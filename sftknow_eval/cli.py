@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.lm_tasks.commands",
     "sftknow_eval.restore.commands",
     "sftknow_eval.analysis.commands",
+    "sftknow_eval.study.commands",
 )
 
 PIPELINE = """\

@@ -1,0 +1,247 @@
+"""What each study cell does: a thin call into the stage module that owns the work (probe,
+select, train, lm-eval, analysis, restore); no stage is implemented here.
+
+Every function gets the cell, the study context and a staging folder (renamed into place by
+the runner when the function returns) and returns a small JSON-able summary for ``cell.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftknow_eval.errors import UserError
+from sftknow_eval.study.plan import BASE, Cell
+from sftknow_eval.study.spec import SHIPPED, StudySpec
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results_study.json"  # lm-eval's results schema (``results_*.json``)
+
+
+@dataclass
+class Context:
+    """The study being run and what cells share within one process."""
+
+    spec: StudySpec
+    run_dir: Path
+    task_manager: Any = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def cell_dir(self, cell_id: str) -> Path:
+        return self.run_dir / cell_id
+
+    def base_model(self) -> str:
+        if self.spec.model.path == SHIPPED:
+            from sftknow_eval.world.shipped import model_path
+
+            return str(model_path())
+        return self.spec.model.path
+
+    def annotated(self) -> Path:
+        return Path(json.loads((self.cell_dir("probe/annotations") / "cell.json")
+                               .read_text(encoding="utf-8"))["outputs"]["annotated"])
+
+    def family_dir(self) -> Path:
+        return self.cell_dir(f"tasks/{self.spec.eval.family}") / "family"
+
+    def model_dir(self, name: str) -> Path:
+        """The model folder of a cell name: the base, a fine-tuned or a restored model."""
+        if name == BASE:
+            return Path(self.base_model())
+        restore = self.spec.restore
+        if restore is not None:
+            cell = self.run_dir / "restore" / name
+            if (cell / "cell.json").is_file():
+                return Path(json.loads((cell / "cell.json").read_text())["outputs"]["model"])
+        return self.cell_dir(f"train/{name}") / "model"
+
+
+def _resolve_facts(source: str) -> list[Any]:
+    from sftknow_eval.readers import load_facts
+    from sftknow_eval.world.shipped import load_all_facts
+
+    return load_all_facts() if source == SHIPPED else load_facts(source)
+
+
+def run_probe(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    """Point at existing annotations, or probe the facts with the base model."""
+    probe = ctx.spec.probe
+    if probe.annotated is not None:
+        from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
+
+        folder = shipped_annotated() if probe.annotated == SHIPPED else Path(probe.annotated)
+        facts, model_key, scheme = load_annotated(folder)
+        if model_key != ctx.spec.model.key:
+            raise UserError(f"{folder} holds mastery for {model_key!r}, the spec's model.key is "
+                            f"{ctx.spec.model.key!r}")
+        return {"annotated": str(folder.resolve()), "facts": len(facts), "model_key": model_key,
+                "scheme": scheme, "probed": False}
+    from sftknow_eval.probe.requests import ProbeSettings
+    from sftknow_eval.probe.run import ModelSpec, probe_facts
+
+    facts = [fact for source in probe.facts for fact in _resolve_facts(source)]
+    model_args = ",".join(a for a in (f"pretrained={ctx.base_model()}", probe.model_args) if a)
+    spec = ModelSpec(model=probe.backend, model_args=model_args, batch_size=probe.batch_size,
+                     device=probe.device, key=ctx.spec.model.key)
+    settings = ProbeSettings(scheme=probe.scheme, templates=probe.templates, samples=probe.samples,
+                             temperature=probe.temperature, max_new_tokens=probe.max_new_tokens,
+                             seed=probe.seed)
+    # The probe keeps its own resumable folder (hours on a real model); it lives beside the
+    # cell, so an interrupted study resumes the probe, and is moved in once complete.
+    work = ctx.run_dir / "probe" / ".annotations-probe"
+    result = probe_facts(facts, spec, work, settings, source=" + ".join(probe.facts),
+                         save_dataset=False)
+    os.replace(work, staging / "annotated")
+    final = ctx.cell_dir(cell.id) / "annotated"
+    return {"annotated": str(final.resolve()), "facts": len(result.facts),
+            "model_key": result.model_key, "scheme": result.scheme, "probed": True,
+            "counts": result.counts}
+
+
+def run_tasks(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    from sftknow_eval.lm_tasks.family import write_family
+    from sftknow_eval.probe.annotated import load_annotated
+    from sftknow_eval.probe.categories import CATEGORIES
+
+    facts, model_key, scheme = load_annotated(ctx.annotated())
+    summary = write_family(facts, model_key, scheme, CATEGORIES[scheme], ctx.spec.eval.family,
+                           staging / "family", splits=tuple(ctx.spec.eval.splits))
+    return {"family": ctx.spec.eval.family, "items": summary["items"]}
+
+
+def run_select(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    from sftknow_eval.select.sets import select_sft_set
+
+    c = cell.config
+    rows, meta = select_sft_set(ctx.annotated(), c["category"], c["size"], c["seed"],
+                                staging / "train.jsonl", allow_smaller=c["allow_smaller"],
+                                split=c["split"])
+    return {"data": str(ctx.cell_dir(cell.id) / "train.jsonl"), "size": meta["size"],
+            "per_relation": meta["per_relation"]}
+
+
+def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    train = ctx.spec.train
+    data = ctx.cell_dir(f"select/{cell.name}") / "train.jsonl"
+    overrides = {**train.overrides, "model_name_or_path": ctx.base_model(),
+                 "seed": cell.config["seed"], "output_dir": str(staging / "trainer")}
+    push_to = f"{ctx.spec.push.org}/{ctx.spec.name}-{cell.name}" if ctx.spec.push.org else None
+    out = staging / "model"
+    if train.launcher == "accelerate":
+        # A separate process per cell, the way TRL users launch several GPUs.
+        command = ["accelerate", "launch"]
+        if train.accelerate_config:
+            command += ["--config_file", train.accelerate_config]
+        command += ["-m", "sftknow_eval.cli", "train", "--recipe", train.recipe, "--data",
+                    str(data), "--out", str(out)]
+        if push_to:
+            command += ["--push-to", push_to]
+        command += [f"{k}={v}" for k, v in overrides.items()]
+        logger.info("launching: %s", " ".join(command))
+        subprocess.run(command, check=True)
+        run = json.loads((out / "training_run.json").read_text(encoding="utf-8"))
+        metrics = run.get("metrics", {})
+    else:
+        from sftknow_eval.train.sft import train as train_model
+
+        result = train_model(train.recipe, data, out, overrides=overrides, push_to=push_to)
+        metrics = result.metrics
+    return {"model": str(ctx.cell_dir(cell.id) / "model"), "train_loss": metrics.get("train_loss"),
+            "rows": sum(1 for _ in data.open(encoding="utf-8"))}
+
+
+def _task_manager(ctx: Context) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    family = ctx.family_dir()
+    if ctx.task_manager is None or ctx.cache.get("family_dir") != family:
+        # Indexing lm-eval's task registry takes seconds: once per process, not per model.
+        ctx.task_manager = TaskManager(include_path=str(family))
+        ctx.cache["family_dir"] = family
+    return ctx.task_manager
+
+
+def run_eval(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    """lm-eval on the study's family: in this process (hf) or as an lm_eval process."""
+    from sftknow_eval.lm_tasks.results import read_results
+
+    ev = ctx.spec.eval
+    model = ctx.model_dir(cell.name)
+    model_args = ",".join(a for a in (f"pretrained={model}", ev.model_args) if a)
+    if ev.subprocess:
+        command = [sys.executable, "-m", "lm_eval", "--model", ev.backend, "--model_args",
+                   model_args, "--tasks", ev.family, "--include_path", str(ctx.family_dir()),
+                   "--batch_size", str(ev.batch_size), "--output_path", str(staging / "lm_eval")]
+        if ev.device:
+            command += ["--device", ev.device]
+        if ev.limit:
+            command += ["--limit", str(ev.limit)]
+        subprocess.run(command, check=True)
+        found = sorted((staging / "lm_eval").rglob("results_*.json"))
+        if not found:
+            raise UserError(f"lm_eval wrote no results for {cell.id}")
+        os.replace(found[-1], staging / RESULTS_FILE)
+    else:
+        from lm_eval import simple_evaluate
+        from lm_eval.utils import handle_non_serializable
+
+        results = simple_evaluate(model=ev.backend, model_args=model_args, tasks=[ev.family],
+                                  task_manager=_task_manager(ctx), batch_size=ev.batch_size,
+                                  device=ev.device, limit=ev.limit, log_samples=False,
+                                  verbosity="WARNING")
+        results = dict(results or {})
+        results.pop("samples", None)
+        (staging / RESULTS_FILE).write_text(
+            json.dumps(results, indent=2, default=handle_non_serializable) + "\n", "utf-8")
+    scores = [s for s in read_results(staging / RESULTS_FILE) if s.family == ev.family]
+    if not scores:
+        raise UserError(f"{cell.id}: the results hold no {ev.family} scores")
+    score = scores[0]
+    return {"model": str(model), "acc": score.acc, "buckets": score.buckets,
+            "items": score.items}
+
+
+def run_kl(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    from sftknow_eval.analysis.kl import run_kl as kl
+
+    kl_spec = ctx.spec.kl
+    summary = kl(ctx.base_model(), str(ctx.model_dir(cell.name)), ctx.annotated(),
+                 category=kl_spec.category, out=staging / "kl", full_vocab=kl_spec.full_vocab,
+                 batch_size=kl_spec.batch_size)
+    return {key: summary.get(key) for key in ("facts", "mean", "median", "per_category")}
+
+
+def run_updates(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    from sftknow_eval.analysis.updates import run_updates as updates
+
+    stats = updates(ctx.base_model(), str(ctx.model_dir(cell.name)), staging / "updates",
+                    region=cell.config["region"], progress=False)
+    return {"concentration": stats.get("concentration"),
+            "module_shares": stats.get("module_shares"), "layer_shares": stats.get("layer_shares")}
+
+
+def run_restore(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    from sftknow_eval.restore.pipeline import RestoreConfig, restore, variant_name
+
+    c = cell.config
+    model = cell.name[: -len(variant_name(c["strategy"], c["k"])) - 1]
+    push = ctx.spec.push
+    push_to = f"{push.org}/{ctx.spec.name}-{model}" if push.org else None
+    result = restore(RestoreConfig(base=ctx.base_model(), tuned=str(ctx.model_dir(model)),
+                                   out=staging, k=[c["k"]], region=c["region"],
+                                   strategy=c["strategy"], push_to=push_to,
+                                   private=push.private, progress=False))
+    variant = variant_name(c["strategy"], c["k"])
+    return {"model": str(ctx.cell_dir(cell.id) / variant), "tuned": model, "k": c["k"],
+            "pushed": result.pushed}
+
+
+RUNNERS = {"probe": run_probe, "tasks": run_tasks, "select": run_select, "train": run_train,
+           "eval": run_eval, "kl": run_kl, "updates": run_updates, "restore": run_restore}

@@ -1,0 +1,230 @@
+"""The study orchestrator without heavy work: spec validation, the planner and dry run, shards,
+and caching / resume (stage functions replaced by recorders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sftknow_eval import cli
+from sftknow_eval.errors import UserError
+from sftknow_eval.study import plan, run_study, spec_from_dict
+from sftknow_eval.study import stages as study_stages
+from sftknow_eval.study.plan import lineages, parse_shard, select_cells, shard_of
+from sftknow_eval.study.spec import STUDY_DIR, load_spec
+
+
+def small_spec(**grid: Any) -> dict[str, Any]:
+    return {"name": "unit", "grid": {"categories": ["D0", "D4"], "sizes": [60, 240],
+                                     "seeds": [0, 1], **grid},
+            "restore": {"k": [1, 5]}}
+
+
+# -- spec ----------------------------------------------------------------------------------
+
+
+def test_unknown_keys_are_named_with_their_path() -> None:
+    with pytest.raises(UserError, match=r"grid\.sizez: unknown key \(known: categories, sizes"):
+        spec_from_dict({"grid": {"sizez": [60]}}, "x.yaml")
+    with pytest.raises(UserError, match=r"^x\.yaml: colour, flavour: unknown keys"):
+        spec_from_dict({"colour": 1, "flavour": 2}, "x.yaml")
+    with pytest.raises(UserError, match=r"restore\.kk: unknown key"):
+        spec_from_dict({"restore": {"kk": [1]}}, "x.yaml")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"grid": {"sizes": "60"}}, r"grid\.sizes: expected a list"),
+    ({"grid": {"sizes": [0]}}, r"grid\.sizes: 0 must be a positive integer"),
+    ({"grid": {"categories": ["D7"]}}, r"grid\.categories: 'D7' is not a ye2025 category"),
+    ({"grid": {"seeds": [0, 0]}}, r"grid\.seeds: lists a value twice"),
+    ({"grid": {"seeds": ["a"]}}, r"grid\.seeds\[0\]: expected int"),
+    ({"restore": {"k": [0]}}, r"restore\.k: 0 is not a percentage"),
+    ({"restore": {"sizes": [999]}}, r"restore\.sizes: \[999\] not in grid\.sizes"),
+    ({"eval": {"backend": "openai"}}, r"eval\.backend: 'openai' is not one of hf, vllm"),
+    ({"train": {"launcher": "slurm"}}, r"train\.launcher"),
+    ({"kl": {"enabled": "yes"}}, r"kl\.enabled: expected bool"),
+])
+def test_bad_values_are_refused(data: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        spec_from_dict(data, "x.yaml")
+
+
+def test_shipped_specs_load() -> None:
+    tiny = load_spec(None)
+    assert tiny.name == "tiny" and tiny.source.endswith("recipes/study/tiny.yaml")
+    grid = tiny.grid
+    assert len(grid.categories) >= 3 and len(grid.sizes) >= 3 and len(grid.seeds) >= 2
+    assert {1.0, 5.0, 20.0} <= set(tiny.restore.k) and tiny.restored_sizes() == [max(grid.sizes)]
+    paper = load_spec("llama3-8b")
+    assert paper.grid.categories == ["D0", "D1", "D2", "D3", "D4"]
+    assert paper.grid.sizes[0] == 60 and paper.grid.sizes[-1] == 1920 and paper.grid.seeds == [0, 1, 2]
+    assert paper.restore.k == [1, 3, 5, 10, 20, 40, 60]
+    assert paper.eval.backend == "vllm" and paper.train.launcher == "accelerate"
+    assert paper.model.path == "meta-llama/Meta-Llama-3-8B"
+
+
+# -- planner, dry run, shards ---------------------------------------------------------------
+
+
+def test_plan_lists_every_cell_in_dependency_order() -> None:
+    cells = plan(spec_from_dict(small_spec()))
+    ids = [c.id for c in cells]
+    assert len(ids) == len(set(ids))
+    seen: set[str] = set()
+    for cell in cells:
+        assert set(cell.deps) <= seen, cell.id
+        seen.add(cell.id)
+    count = lambda stage: sum(c.stage == stage for c in cells)  # noqa: E731
+    models = 2 * 2 * 2
+    assert count("train") == count("select") == count("kl") == models
+    restored = 2 * 2 * 2  # largest size only: 2 categories x 2 seeds x 2 k
+    assert count("restore") == restored and count("updates") == 4
+    assert count("eval") == 1 + models + restored
+    assert ids[-1] == "report/report" and "restore/D0-240-s1-top5" in ids
+    assert "restore/D0-60-s0-top1" not in ids
+
+
+def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli.main(["study", str(STUDY_DIR / "llama3-8b.yaml"), "--dry-run", "--out",
+                     str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "train/D0-60-s0" in out and "train/D4-1920-s2" in out
+    assert "restore/D2-1920-s1-top60" in out and "eval/D2-1920-s1-top60" in out
+    assert "train 90 todo" in out and "restore 105 todo" in out and "eval 196 todo" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_shards_partition_the_cells() -> None:
+    cells = plan(load_spec("llama3-8b"))
+    shardable = [c for c in cells if c.lineage not in ("setup", "report")]
+    for n in (1, 2, 3, 7):
+        owned = [shard_of(cells, i, n) for i in range(1, n + 1)]
+        ids = [c.id for part in owned for c in part]
+        assert sorted(ids) == sorted(c.id for c in shardable)  # every cell exactly once
+        sizes = [len({c.lineage for c in part}) for part in owned]
+        assert max(sizes) - min(sizes) <= 1  # whole models, dealt evenly
+        for part in owned:  # a model's cells stay together
+            for cell in part:
+                assert all(cells_by_id(cells)[d].lineage in (cell.lineage, "setup")
+                           or d.startswith("tasks/") for d in cell.deps)
+    again = [c.id for c in shard_of(plan(load_spec("llama3-8b")), 2, 3)]
+    assert again == [c.id for c in shard_of(cells, 2, 3)]  # deterministic
+    chosen = select_cells(cells, (2, 3))
+    assert [c.id for c in chosen[:2]] == ["probe/annotations", "tasks/sftknow_eq_llama3"]
+    assert len(lineages(cells)) == 1 + 90
+
+
+def cells_by_id(cells: list) -> dict:
+    return {c.id: c for c in cells}
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "a/b", "2"])
+def test_bad_shard(text: str) -> None:
+    with pytest.raises(UserError):
+        parse_shard(text)
+
+
+# -- caching and resume -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every stage replaced by a recorder that writes a marker file."""
+    calls: list[str] = []
+
+    def fake(cell: Any, ctx: Any, staging: Path) -> dict[str, Any]:
+        calls.append(cell.id)
+        (staging / "out.txt").write_text(cell.id)
+        if cell.stage == "eval":
+            return {"acc": {"id": 0.5, "ood": 0.25}, "buckets": {"id": {"D0": 0.0, "D4": 1.0}}}
+        return {}
+
+    for stage in list(study_stages.RUNNERS):
+        monkeypatch.setitem(study_stages.RUNNERS, stage, fake)
+    return calls
+
+
+def test_rerun_does_nothing_and_a_changed_size_reruns_only_its_cells(
+        recorded: list[str], tmp_path: Path) -> None:
+    spec = spec_from_dict(small_spec())
+    first = run_study(spec, tmp_path, progress=False)
+    assert first.ok and len(recorded) == len(first.cells) - 1  # all but the report
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert (tmp_path / "train" / "D0-60-s0" / "cell.json").is_file()
+
+    recorded.clear()
+    second = run_study(spec, tmp_path, progress=False)
+    assert recorded == [] and second.ran() == ["report/report"]
+
+    changed = spec_from_dict(small_spec(sizes=[60, 480]), "changed")
+    changed.restore.sizes = "largest"
+    recorded.clear()
+    run_study(changed, tmp_path, progress=False)
+    assert recorded and all("-480-" in cell_id for cell_id in recorded)
+    assert not any("-60-" in cell_id for cell_id in recorded)
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["cells_run"] for r in runs] == [len(first.cells), 1, len(recorded) + 1]
+
+
+def test_a_changed_setting_reruns_downstream_only(recorded: list[str], tmp_path: Path) -> None:
+    data = small_spec()
+    run_study(spec_from_dict(data), tmp_path, progress=False)
+    data["restore"]["k"] = [1, 20]
+    recorded.clear()
+    run_study(spec_from_dict(data), tmp_path, progress=False)
+    assert sorted(recorded) == sorted(
+        [f"{stage}/{c}-240-s{s}-top20" for stage in ("restore", "eval")
+         for c in ("D0", "D4") for s in (0, 1)])
+    data["kl"] = {"category": "D3"}
+    recorded.clear()
+    run_study(spec_from_dict(data), tmp_path, progress=False)
+    assert recorded and all(cell_id.startswith("kl/") for cell_id in recorded)
+
+
+def test_a_failed_cell_blocks_its_dependents_and_leaves_no_folder(
+        recorded: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = study_stages.RUNNERS["train"]
+
+    def failing(cell: Any, ctx: Any, staging: Path) -> dict[str, Any]:
+        if cell.name == "D4-60-s1":
+            (staging / "partial").write_text("half")
+            raise RuntimeError("out of memory")
+        return fake(cell, ctx, staging)
+
+    monkeypatch.setitem(study_stages.RUNNERS, "train", failing)
+    result = run_study(spec_from_dict(small_spec()), tmp_path, progress=False)
+    assert not result.ok and list(result.errors) == ["train/D4-60-s1"]
+    assert result.status["eval/D4-60-s1"] == "blocked" and result.status["eval/D4-60-s0"] == "ran"
+    assert not (tmp_path / "train" / "D4-60-s1").exists()
+    assert not [p for p in (tmp_path / "train").iterdir() if p.name.startswith(".")]
+    monkeypatch.setitem(study_stages.RUNNERS, "train", fake)
+    recorded.clear()
+    run_study(spec_from_dict(small_spec()), tmp_path, progress=False)  # resume: just that model
+    assert {c.split("/")[1] for c in recorded if c != "report/report"} == {"D4-60-s1"}
+
+
+def test_shard_runs_its_models_and_no_report(recorded: list[str], tmp_path: Path) -> None:
+    spec = spec_from_dict(small_spec())
+    result = run_study(spec, tmp_path, shard=(2, 3), progress=False)
+    owned = {c.id for c in shard_of(plan(spec), 2, 3)}
+    assert set(recorded) == owned | {"probe/annotations", "tasks/sftknow_study"}
+    assert result.report is None and not (tmp_path / "report").exists()
+
+
+def test_cli_dry_run_marks_done_cells(recorded: list[str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(small_spec()))
+    run_study(load_spec(spec_file), tmp_path / "run", progress=False)
+    assert cli.main(["study", str(spec_file), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "done    train/D0-60-s0" in out and "todo    report/report" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {sizes: [60], colour: red}\n")
+    assert cli.main(["study", str(bad), "--dry-run"]) == 2
+    assert "grid.colour: unknown key" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""A micro-study end to end on a quick tiny world: the study probes it itself, selects, trains,
+evaluates with lm-eval, computes KL and update statistics, restores one k, evaluates again and
+writes the report; a rerun does nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftknow_eval.study import run_study, spec_from_dict
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sftknow_eval.world.build import BuildRecipe, build_world
+
+    out = tmp_path_factory.mktemp("world") / "w"
+    build_world(out, BuildRecipe.quick(seed=0), run_measurements=False, progress=False)
+    return out
+
+
+def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
+    spec = spec_from_dict({
+        "name": "micro",
+        "model": {"path": str(quick_world / "model"), "key": "quick"},
+        "probe": {"annotated": None, "facts": [str(quick_world / "facts")], "templates": 2,
+                  "samples": 2, "batch_size": 256, "device": "cpu"},
+        "grid": {"categories": ["D0"], "sizes": [16], "seeds": [0]},
+        "train": {"recipe": "tiny", "overrides": {"num_train_epochs": 1}},
+        "eval": {"family": "sftknow_micro", "limit": 6, "model_args": "dtype=float32"},
+        "kl": {"category": "D0"},
+        "restore": {"k": [5]},
+    }, "micro")
+    result = run_study(spec, tmp_path, progress=False)
+    assert result.ok, result.errors
+    assert result.ran()[-1] == "report/report" and len(result.ran()) == len(result.cells)
+
+    annotated = tmp_path / "probe" / "annotations" / "annotated"
+    assert (annotated / "probe_config.json").is_file()
+    rows = (tmp_path / "select" / "D0-16-s0" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == 16 and json.loads(rows[0])["category"] == "D0"
+    model = tmp_path / "train" / "D0-16-s0" / "model"
+    assert (model / "model.safetensors").is_file() and (model / "training_run.json").is_file()
+    restored = tmp_path / "restore" / "D0-16-s0-top5" / "top5"
+    assert (restored / "model.safetensors").is_file()
+    for name in ("base", "D0-16-s0", "D0-16-s0-top5"):
+        record = json.loads((tmp_path / "eval" / name / "cell.json").read_text())
+        assert set(record["outputs"]["acc"]) == {"id", "ood"}
+        assert (tmp_path / "eval" / name / "results_study.json").is_file()
+    kl = json.loads((tmp_path / "kl" / "D0-16-s0" / "cell.json").read_text())["outputs"]
+    assert kl["facts"] > 0 and kl["mean"] >= 0
+    updates = json.loads((tmp_path / "updates" / "D0-16-s0" / "cell.json").read_text())["outputs"]
+    assert 0 < updates["concentration"]["1"] <= 1
+
+    report = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("Accuracy per test category", "Paper (LLaMA-3-8B", "Accuracy against training",
+                    "Restoring the most-changed", "Where the updates are", "KL against training",
+                    "What was run", "| train |"):
+        assert heading in report
+    for png in ("acc_vs_size", "restore_curves", "concentration", "kl_vs_size"):
+        assert (tmp_path / "report" / f"{png}.png").stat().st_size > 1000
+
+    again = run_study(spec, tmp_path, progress=False)
+    assert again.ran() == ["report/report"]
