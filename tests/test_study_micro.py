@@ -64,3 +64,27 @@ def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
 
     again = run_study(spec, tmp_path, progress=False)
     assert again.ran() == ["report/report"]
+
+
+def test_eval_through_an_lm_eval_process(quick_world: Path, tmp_path: Path) -> None:
+    """``eval.subprocess``: the stock ``lm_eval`` CLI per model (what vllm specs use) gives
+    the same scores as the in-process path."""
+    from sftknow_eval.study import plan, stages
+    from sftknow_eval.study.runner import run_cell
+
+    data = {"name": "proc", "model": {"path": str(quick_world / "model"), "key": "quick"},
+            "probe": {"annotated": None, "facts": [str(quick_world / "facts")], "templates": 1,
+                      "samples": 1, "batch_size": 256, "device": "cpu"},
+            "grid": {"categories": ["D0"], "sizes": [8], "seeds": [0]},
+            "eval": {"family": "sftknow_proc", "limit": 4, "model_args": "dtype=float32"},
+            "kl": {"enabled": False}, "restore": None}
+    spec = spec_from_dict(data)
+    cells = {c.id: c for c in plan(spec)}
+    ctx = stages.Context(spec, tmp_path / "a")
+    for cell_id in ("probe/annotations", "tasks/sftknow_proc", "eval/base"):
+        run_cell(cells[cell_id], ctx)
+    inline = json.loads((tmp_path / "a" / "eval" / "base" / "cell.json").read_text())["outputs"]
+    spec.eval.subprocess = True
+    record = run_cell(cells["eval/base"], stages.Context(spec, tmp_path / "a"))
+    assert record["outputs"]["acc"] == inline["acc"]
+    assert record["outputs"]["buckets"] == inline["buckets"]

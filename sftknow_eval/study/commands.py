@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     shard = parse_shard(args.shard) if args.shard else None
+    if not args.dry_run:
+        _quiet_libraries(args.verbose)
     result = run_study(spec, args.out, shard=shard, dry_run=args.dry_run,
                        progress=not args.no_progress)
     if args.dry_run:
@@ -58,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     done = sum(1 for state in result.status.values() if state == "done")
     print(f"study {spec.name}: {len(result.ran())} cells run, {done} already done, "
           f"{len(result.errors)} failed in {result.wall_seconds:.1f} s -> {result.run_dir}")
+    per_stage: dict[str, list[float]] = {}
+    for cell_id, seconds in result.seconds.items():
+        per_stage.setdefault(cell_id.split("/")[0], []).append(seconds)
+    if per_stage:
+        print("  " + ", ".join(f"{stage} {len(times)} cells {sum(times):.1f} s"
+                               for stage, times in per_stage.items()))
     for cell_id, error in result.errors.items():
         print(f"  failed: {cell_id}: {error}")
     blocked = [c for c, s in result.status.items() if s == "blocked"]
@@ -66,3 +74,20 @@ def run(args: argparse.Namespace) -> int:
     if result.report:
         print(f"report: {result.report}")
     return 0 if result.ok else 1
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """One progress bar for the study: the stages' own bars and per-call warnings (dataset
+    maps, lm-eval's task notes, generation-length notices) are silenced unless --verbose."""
+    if verbose:
+        return
+    import logging
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lm_eval", "lm-eval", "matplotlib", "sftknow_eval.train.sft"):
+        logging.getLogger(name).setLevel(logging.ERROR)

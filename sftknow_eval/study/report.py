@@ -303,9 +303,12 @@ def _shapes(spec: StudySpec, scores: _Scores, seeds_of: dict, sizes: list,
         accs = [(s, a[0]) for s, a in accs if a is not None]
         if len(accs) >= 2:
             best = max(accs, key=lambda sa: sa[1])
-            drop = best[1] - accs[-1][1]
-            peaks.append(f"{category}: best at {best[0]}, {100 * drop:.1f} points lower at "
-                         f"{accs[-1][0]}")
+            if best[0] == accs[-1][0]:
+                peaks.append(f"{category}: best at the largest size {best[0]} (no fall)")
+            else:
+                drop = best[1] - accs[-1][1]
+                peaks.append(f"{category}: best at {best[0]}, {100 * drop:.1f} points lower "
+                             f"at {accs[-1][0]}")
     if peaks:
         lines.append("- Accuracy peaks at a middle size and falls with more data (paper: near "
                      "240, -8.9 points for D0 from 240 to 1,920): " + "; ".join(peaks) + ".")

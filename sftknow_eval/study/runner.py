@@ -129,7 +129,7 @@ def run_study(spec: StudySpec, out: str | Path | None = None, *,
     bar = tqdm(todo, desc=f"study {spec.name}", unit="cell", disable=not progress)
     for cell in bar:
         bar.set_postfix_str(cell.id)
-        if any(dep in failed for dep in cell.deps):
+        if cell.stage != "report" and any(dep in failed for dep in cell.deps):
             result.status[cell.id] = "blocked"
             failed.add(cell.id)
             continue

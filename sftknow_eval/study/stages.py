@@ -195,7 +195,7 @@ def run_eval(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
         results = simple_evaluate(model=ev.backend, model_args=model_args, tasks=[ev.family],
                                   task_manager=_task_manager(ctx), batch_size=ev.batch_size,
                                   device=ev.device, limit=ev.limit, log_samples=False,
-                                  verbosity="WARNING")
+                                  verbosity="ERROR")
         results = dict(results or {})
         results.pop("samples", None)
         (staging / RESULTS_FILE).write_text(
