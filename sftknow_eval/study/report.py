@@ -136,6 +136,13 @@ def _main_table(spec: StudySpec, scores: _Scores, seeds_of: dict, largest: int |
         cells = [_pct(scores.over_seeds(names, "id", b)) for b in BUCKETS]
         lines.append(f"| {category} | {' | '.join(cells)} | {_pct(scores.over_seeds(names, 'id'))} "
                      f"| {_pct(scores.over_seeds(names, 'ood'))} |")
+    items = (scores.outputs.get(BASE) or {}).get("items") or {}
+    if items:
+        lines += ["", "Test items per category: " + "; ".join(
+            f"{'in-domain' if d == 'id' else 'out-of-domain'} "
+            + ", ".join(f"{b} {n}" for b, n in counts.items()) for d, counts in items.items())
+            + (f" (at most {spec.eval.limit} scored per category)" if spec.eval.limit else "")
+            + "."]
     lines += ["", "Paper (LLaMA-3-8B, 1,920 samples, Table 2; METHOD.md §7):", "", header, rule]
     for category, values in PAPER_TABLE.items():
         lines.append(f"| {category} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
@@ -214,7 +221,10 @@ def _restore_section(spec: StudySpec, scores: _Scores, folder: Path) -> list[str
                                                     for n in names], "ood"), False) for k in ks]
         lines.append(f"| {category} | {size} | " +
                      " | ".join(f"{a} / {b}" for a, b in zip(row, row_ood, strict=True)) + " |")
-    for axis, title in ((axes[0], "in-domain"), (axes[1], "out-of-domain")):
+    for axis, domain, title in ((axes[0], "id", "in-domain"), (axes[1], "ood", "out-of-domain")):
+        base = scores.value(BASE, domain)
+        if base is not None:
+            axis.axhline(100 * base, color="grey", linestyle="--", label="base (no SFT)")
         axis.set_title(f"Acc after restoring the top k%, {title}")
         axis.set_xlabel("k (% of elements restored)")
         axis.grid(alpha=0.3)
