@@ -481,10 +481,11 @@ def _write_selected(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc:
                     r: torch.Tensor, sel: torch.Tensor, buffers: _Buffers) -> None:
     out = torch.where(sel, bc, tc, out=buffers.out(tc.dtype, m))
     v.writer.write(name, a, out)
-    count = int(sel.sum())
+    # no temporaries here (sum of a bool, or float times bool, would allocate one per chunk)
+    count = int(torch.count_nonzero(sel))
     if count:
-        sum_r = float(torch.mul(r, sel, out=buffers.scratch[:m]).sum())
-        v.stats.add(name, count, sum_r)
+        as_float = buffers.scratch[:m].copy_(sel)
+        v.stats.add(name, count, float(torch.dot(r, as_float)))
 
 
 def _resolve(v: Variant, early_here: np.ndarray, strategy: str) -> None:
