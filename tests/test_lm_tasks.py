@@ -151,3 +151,20 @@ def test_card_add_results_on_folder_and_hub_repo(lm_eval_run, tmp_path, local_hu
                  "study/carded"]) == 0
     remote = ModelCard.load("study/carded")
     assert {r.dataset_type for r in remote.data.eval_results} == {"famx_id", "famx_ood"}
+
+
+def test_shipped_tasks_folder_matches_the_shipped_annotations(tmp_path):
+    """tasks/tiny is what `sftknow-eval tasks write --annotated shipped` writes, file for file."""
+    from pathlib import Path
+
+    from sftknow_eval.cli import main
+
+    shipped = Path(__file__).resolve().parent.parent / "tasks" / "tiny"
+    assert main(["tasks", "write", "--annotated", "shipped", "--name", "sftknow_tiny",
+                 "--out", str(tmp_path / "tiny")]) == 0
+    written = sorted(p.relative_to(tmp_path / "tiny") for p in (tmp_path / "tiny").rglob("*")
+                     if p.is_file())
+    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*")
+                             if p.is_file() and "__pycache__" not in p.parts)
+    for relative in written:
+        assert (shipped / relative).read_bytes() == (tmp_path / "tiny" / relative).read_bytes()

@@ -1,0 +1,14 @@
+"""lm-eval hooks of this task family (written by `sftknow-eval tasks write`)."""
+
+from pathlib import Path
+
+from sftknow_eval.lm_tasks import scoring
+
+FOLDER = Path(__file__).resolve().parent
+
+
+def load_bucket(**kwargs):
+    return scoring.load_bucket(FOLDER, **kwargs)
+
+
+process_results = scoring.process_results
