@@ -135,8 +135,9 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
     push_to = f"{ctx.spec.push.org}/{ctx.spec.name}-{cell.name}" if ctx.spec.push.org else None
     out = staging / "model"
     if train.launcher == "accelerate":
-        # A separate process per cell, the way TRL users launch several GPUs.
-        command = ["accelerate", "launch"]
+        # A separate process per cell, the way TRL users launch several GPUs (`accelerate
+        # launch`, run through this interpreter so the venv's accelerate is the one used).
+        command = [sys.executable, "-m", "accelerate.commands.launch"]
         if train.accelerate_config:
             command += ["--config_file", train.accelerate_config]
         command += ["-m", "sftknow_eval.cli", "train", "--recipe", train.recipe, "--data",
