@@ -203,9 +203,13 @@ def test_a_failed_cell_blocks_its_dependents_and_leaves_no_folder(
     assert not (tmp_path / "train" / "D4-60-s1").exists()
     assert not [p for p in (tmp_path / "train").iterdir() if p.name.startswith(".")]
     monkeypatch.setitem(study_stages.RUNNERS, "train", fake)
+    stale = tmp_path / "train" / ".D4-60-s1.x1y2z3"  # as a killed run leaves it
+    stale.mkdir()
+    (tmp_path / "train" / ".D4-60-s1-top5.keep").mkdir()  # another cell's: not touched
     recorded.clear()
     run_study(spec_from_dict(small_spec()), tmp_path, progress=False)  # resume: just that model
     assert {c.split("/")[1] for c in recorded if c != "report/report"} == {"D4-60-s1"}
+    assert not stale.exists() and (tmp_path / "train" / ".D4-60-s1-top5.keep").exists()
 
 
 def test_shard_runs_its_models_and_no_report(recorded: list[str], tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -163,7 +164,14 @@ def run_cell(cell: Cell, ctx: stages.Context) -> dict[str, Any]:
     """One cell: build its folder in staging, write ``cell.json`` last, rename into place."""
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    with atomic_folder(ctx.cell_dir(cell.id)) as staging:
+    target = ctx.cell_dir(cell.id)
+    # Staging folders a killed run left behind (atomic_folder names them ".<name>.<random>");
+    # only this cell's, which no other shard runs. A fine-tuned 8B model is 16 GB of them.
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{cell.name}.*"):
+            logger.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    with atomic_folder(target) as staging:
         outputs = stages.RUNNERS[cell.stage](cell, ctx, staging)
         record = {"hash": cell.hash, "stage": cell.stage, "name": cell.name,
                   "config": cell.config, "deps": cell.deps, "started": started_at,
