@@ -232,3 +232,18 @@ def test_cli_dry_run_marks_done_cells(recorded: list[str], tmp_path: Path,
     bad.write_text("grid: {sizes: [60], colour: red}\n")
     assert cli.main(["study", str(bad), "--dry-run"]) == 2
     assert "grid.colour: unknown key" in capsys.readouterr().err
+
+
+def test_reprobed_annotations_rerun_everything(tmp_path: Path) -> None:
+    """A re-probe with the same settings keeps the probe's run id; the content digest still
+    tells the study its categories may have changed."""
+    folder = tmp_path / "annotated"
+    (folder / "facts").mkdir(parents=True)
+    (folder / "probe_config.json").write_text(json.dumps(
+        {"run_id": "same", "files": {"train": "facts/train.jsonl"}, "complete": True}))
+    (folder / "facts" / "train.jsonl").write_text('{"id": "a", "category": "D1"}\n')
+    data = {**small_spec(), "probe": {"annotated": str(folder)}}
+    before = {c.id: c.hash for c in plan(spec_from_dict(data))}
+    (folder / "facts" / "train.jsonl").write_text('{"id": "a", "category": "D2"}\n')
+    after = {c.id: c.hash for c in plan(spec_from_dict(data))}
+    assert all(before[cell_id] != after[cell_id] for cell_id in before)

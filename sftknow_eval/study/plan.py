@@ -68,15 +68,23 @@ def _file_digest(path: Path) -> str | None:
 
 
 def _annotated_identity(annotated: str) -> dict[str, Any]:
-    """What identifies an existing annotated folder: its path and its probe run id."""
+    """What identifies an existing annotated folder: its path, its probe run id and a digest
+    of its fact files (a re-probe with the same settings keeps the run id but may change the
+    categories, and then everything downstream must rerun)."""
     from sftknow_eval.probe.annotated import SHIPPED_ANNOTATED
     from sftknow_eval.probe.run import CONFIG_FILE
 
     folder = SHIPPED_ANNOTATED if annotated == SHIPPED else Path(annotated)
-    run_id = None
+    run_id, digest = None, None
     if (folder / CONFIG_FILE).is_file():
-        run_id = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("run_id")
-    return {"annotated": annotated, "probe_run_id": run_id}
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        run_id = config.get("run_id")
+        hasher = hashlib.sha256()
+        for relative in sorted((config.get("files") or {}).values()):
+            if (folder / relative).is_file():
+                hasher.update(relative.encode() + b"\0" + (folder / relative).read_bytes())
+        digest = hasher.hexdigest()[:16]
+    return {"annotated": annotated, "probe_run_id": run_id, "facts_sha256": digest}
 
 
 def _recipe_identity(recipe: str) -> dict[str, Any]:
