@@ -183,6 +183,22 @@ def resolve_model(
     return path
 
 
+def resolve_dataset(id_or_path: str | os.PathLike[str], revision: str | None = None) -> Path:
+    """A local folder holding a dataset repo's files: a local folder as is, else a Hub snapshot
+    of the dataset repo (all files; HF_HUB_OFFLINE honoured)."""
+    local = _local_folder(id_or_path)
+    if local is not None:
+        return local
+    repo_id = validate_repo_id(os.fspath(id_or_path))
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                   endpoint=_endpoint(), local_files_only=is_offline())
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise _hub_error(error, repo_id, revision) from None
+    logger.info("dataset %s (revision %s) at %s", repo_id, revision or "main", folder)
+    return Path(folder)
+
+
 def model_revision(id_or_path: str | os.PathLike[str]) -> str | None:
     """The commit sha of a Hub model (for cards), None for a local folder.
 

@@ -168,3 +168,31 @@ def test_shipped_tasks_folder_matches_the_shipped_annotations(tmp_path):
                              if p.is_file() and "__pycache__" not in p.parts)
     for relative in written:
         assert (shipped / relative).read_bytes() == (tmp_path / "tiny" / relative).read_bytes()
+
+
+def test_tasks_write_from_a_hub_dataset(tmp_path, local_hub):
+    """An annotated dataset pushed to the Hub is written into a task family by its repo id."""
+    from sftknow_eval import hub
+    from sftknow_eval.cli import main
+    from sftknow_eval.probe.annotated import shipped_annotated
+
+    hub.push_folder(shipped_annotated(), "study/tiny-mastery", repo_type="dataset")
+    assert main(["tasks", "write", "--annotated", "study/tiny-mastery", "--name", "fromhub",
+                 "--out", str(tmp_path / "fam")]) == 0
+    family = json.loads((tmp_path / "fam" / "family.json").read_text())
+    assert family["mastery_model"] == "tiny-world"
+    assert sum(family["items"]["fromhub_id"].values()) == 400
+
+
+def test_unknown_scheme_is_refused(tmp_path):
+    from sftknow_eval.cli import main
+    from sftknow_eval.facts import write_jsonl
+
+    facts = _annotated({"D0": 2})
+    write_jsonl(facts, tmp_path / "ann" / "facts" / "test.jsonl")
+    (tmp_path / "ann" / "probe_config.json").write_text(json.dumps({
+        "complete": True, "files": {"test": "facts/test.jsonl"}, "facts": len(facts),
+        "model_key": "tiny", "scheme": "mystery"}))
+    assert main(["tasks", "write", "--annotated", str(tmp_path / "ann"), "--name", "x",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kl.add_argument("--base", required=True, help="base model: folder or Hub id")
     kl.add_argument("--tuned", required=True, nargs="+", help="fine-tuned model(s): folder or Hub id")
     kl.add_argument("--annotated", required=True,
-                    help="probe output folder (mastery of the base model), or 'shipped'")
+                    help="probe output folder (mastery of the base model), Hub dataset id, or "
+                    "'shipped'")
     kl.add_argument("--category", default="D4", help="mastery category to analyse, or 'all'")
     kl.add_argument("--split", default="test", help="fact split to analyse (default: test)")
     kl.add_argument("--out", type=Path, required=True, help="output folder")
@@ -47,9 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _kl(args: argparse.Namespace) -> int:
     from sftknow_eval.analysis.kl import run_kl
     from sftknow_eval.analysis.plots import plot_kl_vs_size
-    from sftknow_eval.probe.annotated import shipped_annotated
+    from sftknow_eval.probe.annotated import resolve_annotated
 
-    annotated = shipped_annotated() if args.annotated == "shipped" else args.annotated
+    annotated = resolve_annotated(args.annotated)
     category = None if args.category == "all" else args.category
     rows = []
     print("tuned\tfacts\tmean KL\tmedian KL\ttuned top-1 = answer")

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a self-contained lm-eval task family (YAMLs, utils.py, bucket data) "
         "for probe output; run it with `lm_eval --include_path OUT --tasks NAME`.")
     write.add_argument("--annotated", required=True,
-                       help="probe output folder, or 'shipped' for the tiny world's annotations")
+                       help="probe output folder, Hub dataset id, or 'shipped' (the tiny world's)")
     write.add_argument("--name", required=True,
                        help="family name: the top group; subgroups NAME_id and NAME_ood")
     write.add_argument("--out", type=Path, required=True, help="folder to write (an include path)")
@@ -50,12 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write(args: argparse.Namespace) -> int:
+    from sftknow_eval.errors import UserError
     from sftknow_eval.lm_tasks.family import write_family
-    from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
+    from sftknow_eval.probe.annotated import load_annotated, resolve_annotated
     from sftknow_eval.probe.categories import CATEGORIES
 
-    source = shipped_annotated() if args.annotated == "shipped" else args.annotated
-    facts, model_key, scheme = load_annotated(source)
+    facts, model_key, scheme = load_annotated(resolve_annotated(args.annotated))
+    if scheme not in CATEGORIES:
+        raise UserError(f"unknown mastery scheme {scheme!r} in {args.annotated}; known: "
+                        f"{', '.join(CATEGORIES)}")
     summary = write_family(facts, model_key, scheme, CATEGORIES[scheme], args.name, args.out,
                            splits=tuple(s.strip() for s in args.splits.split(",")),
                            force=args.force)

@@ -57,3 +57,16 @@ def load_annotated(path: str | os.PathLike[str]) -> tuple[list[Fact], str, str]:
     if len(facts) != config["facts"]:
         raise UserError(f"{folder}: expected {config['facts']} facts, found {len(facts)}")
     return facts, config["model_key"], config["scheme"]
+
+
+def resolve_annotated(source: str | os.PathLike[str]) -> Path:
+    """An annotated folder from what a user typed: ``shipped`` (the tiny world's), a local
+    folder, or a Hub dataset id (downloaded through hub.py)."""
+    if str(source) == "shipped":
+        return shipped_annotated()
+    if Path(source).exists():
+        return Path(source)
+    from sftknow_eval import hub
+
+    return hub.resolve_dataset(source)
+
