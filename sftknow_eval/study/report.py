@@ -125,7 +125,7 @@ def _main_table(spec: StudySpec, scores: _Scores, seeds_of: dict, largest: int |
     rule = "|---" * (len(BUCKETS) + 3) + "|"
     lines = [f"## Accuracy per test category after SFT on {largest} samples",
              "",
-             f"Ours ({_model_path(spec)}, mean ± std over {seeds} seed(s); in-domain test "
+             f"Ours (`{_model_path(spec)}`, mean ± std over {seeds} seed(s); in-domain test "
              "categories D0..D4, Acc = unweighted mean over them, METHOD.md §4):", "",
              header, rule]
     base = [_pct(scores.over_seeds([BASE], "id", b)) for b in BUCKETS]
@@ -411,5 +411,5 @@ def _what_was_run(spec: StudySpec, run_dir: Path, records: dict[str, dict[str, A
 
 def _model_path(spec: StudySpec) -> str:
     if spec.model.path == SHIPPED:
-        return "the tiny world's base model (sftknow_eval/world_data/model)"
+        return "sftknow_eval/world_data/model"  # the tiny world's base model
     return spec.model.path
