@@ -64,6 +64,9 @@ def test_overrides_and_bad_values(tmp_path: Path) -> None:
     recipe = load_recipe("tiny", ["learning_rate=3e-4", "seed=7"])
     assert recipe.sft.learning_rate == 3e-4 and recipe.sft.seed == 7
     assert recipe.sft.bf16 is False and recipe.sft.use_cpu is True  # no GPU here
+    # YAML 1.1 would read "no" as False; an override keeps it the string TRL expects
+    quiet = load_recipe("tiny", ["logging_strategy=no", "disable_tqdm=true"])
+    assert quiet.sft.logging_strategy == "no" and quiet.sft.disable_tqdm is True
     with pytest.raises(UserError, match="key=value"):
         load_recipe("tiny", ["learning_rate"])
     with pytest.raises(UserError, match="no such file"):

@@ -72,7 +72,12 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key = key.strip().removeprefix("--")
         if not sep or not key:
             raise UserError(f"override {pair!r}: expected key=value (e.g. learning_rate=1e-4)")
-        result[key] = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
+        # YAML 1.1 reads yes/no/on/off as booleans; only true/false mean a boolean here, so
+        # that e.g. logging_strategy=no stays the string TRL expects.
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value.strip()
+        result[key] = parsed
     return result
 
 
