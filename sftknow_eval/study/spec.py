@@ -20,9 +20,10 @@ import yaml
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.probe.categories import CATEGORIES, SCHEMES
+from sftknow_eval.recipe_files import RECIPES_ROOT, find_yaml
 
 SHIPPED = "shipped"  # the tiny world's own model, facts or annotations
-STUDY_DIR = Path(__file__).resolve().parents[2] / "recipes" / "study"
+STUDY_DIR = RECIPES_ROOT / "study"
 DEFAULT_SPEC = STUDY_DIR / "tiny.yaml"
 BACKENDS = ("hf", "vllm")
 LAUNCHERS = ("python", "accelerate")
@@ -294,14 +295,7 @@ def find_spec(name_or_path: str | os.PathLike[str] | None) -> Path:
     """A spec file by path, or a shipped spec by name (``tiny``: recipes/study/tiny.yaml)."""
     if name_or_path is None:
         return DEFAULT_SPEC
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (STUDY_DIR / f"{name_or_path}.yaml", STUDY_DIR / str(name_or_path)):
-        if candidate.is_file():
-            return candidate
-    shipped = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
-    raise UserError(f"study spec {name_or_path}: no such file (shipped specs: {', '.join(shipped)})")
+    return find_yaml(name_or_path, STUDY_DIR, "study spec")
 
 
 def load_spec(name_or_path: str | os.PathLike[str] | None = None) -> StudySpec:

@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 
 from sftknow_eval.errors import UserError
+from sftknow_eval.recipe_files import RECIPES_ROOT, find_yaml
 
 # Keys TRL's parser reads itself rather than handing to a dataclass.
 TRL_SPECIAL_KEYS = frozenset({"env"})
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "sft"
+RECIPES_DIR = RECIPES_ROOT / "sft"
 
 
 def _dataclass_types() -> tuple[type, ...]:
@@ -54,14 +55,7 @@ class Recipe:
 
 def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
     """A recipe file by path, or a shipped recipe by name (``tiny``: recipes/sft/tiny.yaml)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / str(name_or_path)):
-        if candidate.is_file():
-            return candidate
-    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise UserError(f"recipe {name_or_path}: no such file (shipped recipes: {', '.join(shipped)})")
+    return find_yaml(name_or_path, RECIPES_DIR, "recipe")
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
