@@ -149,6 +149,21 @@ def _main_table(spec: StudySpec, scores: _Scores, seeds_of: dict, largest: int |
     return lines + [""]
 
 
+def _finish_acc_figure(figure: Any, axes: Any, scores: _Scores, path: Path) -> None:
+    """The common end of the two-panel (in-domain, out-of-domain) accuracy figures: the base
+    model's line, grid, labels, legend, and the PNG written to ``path``."""
+    for axis, domain in ((axes[0], "id"), (axes[1], "ood")):
+        base = scores.value(BASE, domain)
+        if base is not None:
+            axis.axhline(100 * base, color="grey", linestyle="--", label="base (no SFT)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("Acc (%)")
+    axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _size_section(spec: StudySpec, scores: _Scores, seeds_of: dict, sizes: list,
                   folder: Path) -> list[str]:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -160,18 +175,10 @@ def _size_section(spec: StudySpec, scores: _Scores, seeds_of: dict, sizes: list,
                 axis.errorbar([sizes.index(s) for s, _ in points], [100 * p[0] for _, p in points],
                               yerr=[100 * p[1] for _, p in points], marker="o", capsize=3,
                               label=f"trained on {category}")
-        base = scores.value(BASE, domain)
-        if base is not None:
-            axis.axhline(100 * base, color="grey", linestyle="--", label="base (no SFT)")
         axis.set_xticks(range(len(sizes)), [str(s) for s in sizes])
         axis.set_title(f"Acc, {title} test")
         axis.set_xlabel("training samples")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("Acc (%)")
-    axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(folder / "acc_vs_size.png", dpi=110)
-    plt.close(figure)
+    _finish_acc_figure(figure, axes, scores, folder / "acc_vs_size.png")
     header = "| train | " + " | ".join(f"{s}" for s in sizes) + " |"
     lines = ["## Accuracy against training size", "", "![accuracy vs size](acc_vs_size.png)", "",
              "Acc in-domain / out-of-domain (%, mean over seeds):", "", header,
@@ -221,18 +228,10 @@ def _restore_section(spec: StudySpec, scores: _Scores, folder: Path) -> list[str
                                                     for n in names], "ood"), False) for k in ks]
         lines.append(f"| {category} | {size} | " +
                      " | ".join(f"{a} / {b}" for a, b in zip(row, row_ood, strict=True)) + " |")
-    for axis, domain, title in ((axes[0], "id", "in-domain"), (axes[1], "ood", "out-of-domain")):
-        base = scores.value(BASE, domain)
-        if base is not None:
-            axis.axhline(100 * base, color="grey", linestyle="--", label="base (no SFT)")
+    for axis, title in ((axes[0], "in-domain"), (axes[1], "out-of-domain")):
         axis.set_title(f"Acc after restoring the top k%, {title}")
         axis.set_xlabel("k (% of elements restored)")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("Acc (%)")
-    axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(folder / "restore_curves.png", dpi=110)
-    plt.close(figure)
+    _finish_acc_figure(figure, axes, scores, folder / "restore_curves.png")
     return lines + [""]
 
 
