@@ -81,12 +81,13 @@ def update_statistics(base: str, tuned: str, *, region: str = "transformer",
     mass_module: dict[str, float] = defaultdict(float)
     log_hist = torch.zeros(LOG10_BINS, dtype=torch.float64)
     for _, name, r in pair.relative_changes("updates: histogram", progress):
-        b = _bins(r)
+        b, r64 = _bins(r), r.double()
         counts += torch.bincount(b, minlength=bins_total)
-        sums += torch.bincount(b, weights=r.double(), minlength=bins_total)
-        mass_layer[str(layer_of(name))] += float(r.double().sum())
-        mass_module[module_of(name)] += float(r.double().sum())
-        log_r = torch.log10(r.double()).clamp(*LOG10_RANGE)  # log10(0) = -inf -> lowest bin
+        sums += torch.bincount(b, weights=r64, minlength=bins_total)
+        mass = float(r64.sum())
+        mass_layer[str(layer_of(name))] += mass
+        mass_module[module_of(name)] += mass
+        log_r = torch.log10(r64).clamp(*LOG10_RANGE)  # log10(0) = -inf -> lowest bin
         log_hist += torch.histc(log_r, bins=LOG10_BINS, min=LOG10_RANGE[0], max=LOG10_RANGE[1])
     total_sum = float(sums.sum())
 
