@@ -164,3 +164,70 @@ def test_exact_with_heavy_bins(tmp_path, case):
             assert torch.equal(got[name], want[name]), (k, name)
         stats = json.loads((folder / "restore_stats.json").read_text())
         assert stats["restored_elements"] == count
+
+
+def _weights_and_stats(folder: Path) -> tuple[dict[str, bytes], dict]:
+    weights = {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+    stats = json.loads((folder / "restore_stats.json").read_text())
+    stats.pop("run")  # holds the config, which names the thread count
+    return weights, stats
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_outputs_do_not_depend_on_worker_threads(tmp_path, case):
+    """Byte-identical weights and identical statistics (sums included) for 1, 2 and 3 workers."""
+    rng = np.random.default_rng(300 + case)
+    dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
+    strategy = ["top", "bottom", "random"][case % 3]
+    base, tuned = make_pair(rng, layers=3, dtype=dtype, ties=case % 2 == 0)
+    b = save_model(tmp_path / "base", base, shards=2)
+    t = save_model(tmp_path / "tuned", tuned, shards=2)
+    ks = [1, 5, 20]
+    results = []
+    for threads in (1, 2, 3):
+        cfg = RestoreConfig(base=str(b), tuned=str(t), out=tmp_path / f"out{threads}", k=ks,
+                            strategy=strategy, seed=case, progress=False, threads=threads,
+                            chunk_elements=[7, 64, 1000][case % 3],
+                            heavy_bin_elements=[2, None][case % 2])
+        result = restore(cfg)
+        results.append({name: _weights_and_stats(folder)
+                        for name, folder in result.folders.items()})
+    assert results[0] == results[1] == results[2]
+    names = select_region(tuned, "transformer", set(tuned))
+    for k in ks:
+        got = load_dir(tmp_path / "out2" / f"{strategy}{k:g}")
+        want, _ = expected(base, tuned, names, k, strategy, seed=case)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (k, name)
+
+
+def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
+    """mark_near: the bins around each target's expected rank get exact per-key counts from
+    then on, the elements seen so far become their early (recorded) part, and the finished
+    histogram still counts every element."""
+    total = 1 << 16
+    keys = (torch.arange(total, dtype=torch.int64) * 97 % (1 << 20)).to(torch.int32)
+    bins = keys >> selector.BIN_SHIFT  # spread over 4096 bins
+    seen = total // 64
+    n = total // 10  # the top 10%
+    ties = selector.TieCounts(total, heavy=total, targets=[n])
+    table = ties.new_table()
+    buffers = (torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32),
+               torch.empty(total, dtype=torch.bool), torch.empty(total, dtype=torch.int64))
+    ties.count(table, keys[:seen], *buffers)
+    ties.mark_near([table], seen)
+    order = torch.sort(keys[:seen], descending=True).values
+    expected_bin = int(order[round(n * seen / total) - 1]) >> selector.BIN_SHIFT
+    assert expected_bin in ties.early
+    assert len(ties.early) <= 2 * selector.NEAR_BINS + 1
+    assert all(ties.early[b] == int((bins[:seen] == b).sum()) for b in ties.early)
+    ties.count(table, keys[seen:], *buffers)
+    hist = ties.finish([table])
+    assert torch.equal(hist, torch.bincount(bins, minlength=selector.NUM_BINS).double())
+    in_bin = bins == expected_bin
+    early, fine = ties.of_bin(expected_bin, int(in_bin.sum()))
+    assert early == int(in_bin[:seen].sum())
+    later = keys[seen:][in_bin[seen:]] & (selector.FINE - 1)
+    assert np.array_equal(fine, np.bincount(later.numpy(), minlength=selector.FINE))
+    unmarked = next(b for b in range(4096) if b not in ties.early and int((bins == b).sum()))
+    assert ties.of_bin(unmarked, 5) == (5, pytest.approx(np.zeros(selector.FINE)))

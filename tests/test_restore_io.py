@@ -15,6 +15,7 @@ from sftknow_eval.cli import main as cli_main
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import RestoreConfig, restore
 from sftknow_eval.restore import pipeline as pipeline_module
+from sftknow_eval.restore import streaming as streaming_module
 from sftknow_eval.restore.regions import (
     layer_of,
     module_of,
@@ -208,18 +209,18 @@ def test_pickle_refused_unless_allowed(tmp_path, pair):
 
 def test_interrupted_run_leaves_nothing_complete_and_rerun_resumes(tmp_path, pair, monkeypatch):
     base, tuned = pair
-    real = pipeline_module._resolve
+    real = streaming_module._resolve
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline_module, "_resolve", crash)
+    monkeypatch.setattr(streaming_module, "_resolve", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, base, tuned, k=[5, 10])
     out = tmp_path / "out"
     assert not (out / "top5").exists() and not (out / "top10").exists()
     assert any(p.name.startswith(".tmp-restore-") for p in out.iterdir())
-    monkeypatch.setattr(pipeline_module, "_resolve", real)
+    monkeypatch.setattr(streaming_module, "_resolve", real)
     cfg = RestoreConfig(base=str(tmp_path / "base"), tuned=str(tmp_path / "tuned"), out=out,
                         k=[5, 10], progress=False)
     first = restore(cfg)

@@ -1,29 +1,24 @@
-"""The restore engine: preflight, then two streaming passes that join reader, selector and writer.
+"""The restore engine: resolve and preflight both models, run the two passes, finish outputs.
 
 Usable from Python without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
-Pass 1 reads every tensor once (NaN/Inf checks, per-tensor summed r, the key histogram and
-the exact key counts of heavy bins); pass 2 reads them again and writes every requested variant
-at once, deciding each element on the spot except the first few of each k's threshold bin,
-which are recorded and patched in place once the exact threshold key is known (see
-``selector``). Both passes visit tensors in natural name order (the global element order).
-Memory: one chunk of ``chunk_elements`` elements in work buffers, one open shard per model, a
-64 MB histogram, a 32 MB bin table and at most ~32 MB of exact key counts, and per k fewer than
-``heavy_bin_elements`` plus one chunk of recorded candidates.
+The passes themselves (what they read, decide and keep in memory) live in ``streaming``; this
+module owns everything around them: argument checks, resuming and skipping finished variants,
+the disk check, statistics, cards, the atomic rename into place and the Hub push.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import selector
@@ -37,14 +32,22 @@ from sftknow_eval.restore.regions import (
     select_region,
 )
 from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
+from sftknow_eval.restore.streaming import (
+    Selection,
+    Variant,
+    _Tensors,
+    pieces,
+    scan,
+    write_variants,
+)
 from sftknow_eval.restore.writer import (
     ShardedWriter,
     clean_stale_temps,
     commit_folder,
     copy_aux_files,
     new_temp_folder,
-    raw_view,
 )
+from sftknow_eval.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +77,8 @@ class RestoreConfig:
     private: bool = True
     chunk_elements: int = 1 << 20
     progress: bool = True
-    threads: int = 1
+    threads: int = 0  # worker threads; 0: one per core, at most 2
     heavy_bin_elements: int | None = None  # None: max(2**18, region elements / 2**14)
-
-
-@dataclass
-class Variant:
-    """One output model: a k of a strategy, or a whole layer group."""
-
-    name: str
-    k: float | None = None
-    group: tuple[int, int] | None = None
-    threshold: selector.Threshold | None = None
-    stats: VariantStats = field(default_factory=VariantStats)
-    folder: Path | None = None
-    writer: ShardedWriter | None = None
-    candidates: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = (
-        field(default_factory=list))
-    early_left: int = 0  # threshold-bin elements still to record before the cut is known
-    late_counts: np.ndarray | None = None  # exact-key counts of the bin's later elements
-    bin_total: int = 0
-    cut: int | None = None  # the exact threshold key, once known
-    ties_left: int = 0  # elements with key == cut still to take (first ones in global order)
-    threshold_r: float | None = None
 
 
 @dataclass
@@ -114,16 +96,9 @@ def variant_name(strategy: str, k: float) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import huggingface_hub
-    import safetensors
-    import transformers
-
-    from sftknow_eval import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "transformers": transformers.__version__,
-            "huggingface_hub": huggingface_hub.__version__, "numpy": np.__version__,
-            "sftknow_eval": __version__}
+    """Library versions from package metadata (importing transformers would cost a second)."""
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            **library_versions()}
 
 
 def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
@@ -175,50 +150,15 @@ def _check_disk(out: Path, need: int) -> None:
                         f"and {free / 2**30:.2f} GiB are free")
 
 
-class _Buffers:
-    """Reusable work buffers for one chunk (fresh large allocations page-fault on every call)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.r = torch.empty(size, dtype=torch.float32)
-        self.scratch = torch.empty(size, dtype=torch.float32)
-        self.keys = torch.empty(size, dtype=torch.int32)
-        self.bins = torch.empty(size, dtype=torch.int32)
-        self.slots = torch.empty(size, dtype=torch.int32)
-        self.low = torch.empty(size, dtype=torch.int32)
-        self.mask = torch.empty(size, dtype=torch.bool)
-        self.cand = torch.empty(size, dtype=torch.bool)
-        # float64 counts are exact below 2**53 and index_add_ is fastest on floating types
-        self.ones = torch.ones(size, dtype=torch.float64)
-        self._out: dict[torch.dtype, torch.Tensor] = {}
-
-    def out(self, dtype: torch.dtype, n: int) -> torch.Tensor:
-        if dtype not in self._out:
-            self._out[dtype] = torch.empty(self.size, dtype=dtype)
-        return self._out[dtype][:n]
-
-
-def _chunks(numel: int, size: int):
-    for start in range(0, numel, size):
-        yield start, min(numel, start + size)
-
-
-def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> UserError:
-    which = [label for label, t in (("base", base), ("fine-tuned", tuned))
-             if not bool(torch.isfinite(t.float()).all())]
-    where = " and ".join(which) if which else "neither (the difference overflows float32)"
-    return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
-
-
 def restore(cfg: RestoreConfig) -> RestoreResult:
     """Run a restoration end to end (see the module docstring); returns where the variants went.
 
-    Torch runs with ``cfg.threads`` threads (default 1) for the duration: the per-chunk work is
-    memory-bound, and on a busy machine OpenMP's barriers made two threads 15x slower than one.
+    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2), each with
+    torch single-threaded (see ``streaming``); the calling thread's torch setting is restored.
     """
     _pin_malloc_mmap_threshold()
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, cfg.threads))
+    torch.set_num_threads(1)
     try:
         return _restore(cfg)
     finally:
@@ -226,11 +166,13 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
 
 
 def _pin_malloc_mmap_threshold() -> None:
-    """glibc only, best effort: serve every allocation above 256 KiB by its own mmap.
+    """glibc only, best effort: fix malloc's mmap and trim thresholds for the run.
 
-    By default glibc raises that threshold each time a large block is freed, after which the
-    per-chunk temporaries (megabytes each, thousands of chunks) come from the heap, fragment
-    it, and the process keeps gigabytes it no longer uses: peak RSS then grew with the model.
+    By default glibc moves the mmap threshold with every large free and trims the heap on
+    free; per-chunk arrays (megabytes each, thousands of chunks) then either fragment the heap
+    (peak RSS grew with the model) or come back as fresh pages each time, which the kernel
+    must zero (half the system time of pass 2, measured). Fixed at 32 MiB / 512 MiB, freed
+    chunk arrays are reused from the heap; nothing per chunk is larger than 32 MiB.
     """
     import ctypes
     import ctypes.util
@@ -240,7 +182,8 @@ def _pin_malloc_mmap_threshold() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return
 
@@ -327,92 +270,47 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
          starts: dict[str, int], total: int, variants: list[Variant], out: Path,
          result: RestoreResult) -> None:
     strategy = cfg.strategy
-    buffers = _Buffers(cfg.chunk_elements)
     selecting = [v for v in variants if v.k is not None]
-    tensor_stats = {name: TensorStats(tuned.tensors[name].numel) for name in region}
+    selection = Selection(region_set, starts, total, strategy, cfg.seed)
+    workers = _workers(cfg.threads)
     # natural name order in both passes: region tensors then come in global element order,
     # which the tie-break (lower global index first) and the early/late split rely on
     order = sorted(tuned.tensors, key=natural_key)
+    tensors = _Tensors(base, tuned)
 
-    # ---- pass 1: checks, summed r, key histogram -------------------------------------------
-    hist = torch.zeros(selector.NUM_BINS, dtype=torch.float64) if selecting else None
-    ties = selector.TieCounts(total, cfg.heavy_bin_elements) if selecting else None
-    any_change = False
-    for name in tqdm(order, desc="restore pass 1/2", unit="tensor", disable=not cfg.progress):
-        info = tuned.tensors[name]
-        if not info.dtype.is_floating_point:
-            continue
-        b_flat, t_flat = base.tensor(name).reshape(-1), tuned.tensor(name).reshape(-1)
-        for a, e in _chunks(info.numel, buffers.size):
-            bc, tc = b_flat[a:e], t_flat[a:e]
-            r = selector.relative_change(bc, tc, buffers.r, buffers.scratch)
-            s = float(r.sum())  # float32 with torch's cascade summation; totals in Python floats
-            if not np.isfinite(s):
-                raise _nonfinite_error(name, b_flat, t_flat)
-            if name not in region_set:
-                any_change = any_change or s > 0
-                continue
-            tensor_stats[name].sum_r += s
-            if hist is not None:
-                keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed, buffers.keys)
-                bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT, out=buffers.bins[:e - a])
-                hist.index_add_(0, bins, buffers.ones[:e - a])
-                ties.add(hist, bins, keys, buffers.ones, buffers.slots, buffers.low)
-    region_sum = sum(t.sum_r for t in tensor_stats.values())
-    if region_sum == 0:
-        what = "identical" if not any_change else "identical inside the region"
+    targets = [selector.count_to_select(total, v.k) for v in selecting]
+    scanned = scan(tensors, pieces(tuned, order, selection, cfg.chunk_elements, True), selection,
+                   targets, workers, cfg.chunk_elements, cfg.heavy_bin_elements, cfg.progress)
+    if sum(scanned.sum_r.values()) == 0:
+        what = "identical" if not scanned.changed_outside else "identical inside the region"
         message = (f"the fine-tuned and base models are {what} ({cfg.region!r}): nothing to "
                    "restore; no variant written")
         log.warning(message)
         result.warnings.append(message)
         result.folders.clear()
         return
-    thresholds = selector.threshold_bins(hist, [selector.count_to_select(total, v.k)
-                                                for v in selecting]) if hist is not None else []
-    for v, th in zip(selecting, thresholds, strict=True):
-        v.threshold = th
-        v.bin_total = int(hist[th.bin])
-        v.early_left, v.late_counts = ties.of_bin(th.bin, v.bin_total)
-    del hist, ties
+    if selecting:
+        hist, ties = scanned.hist, scanned.ties
+        thresholds = selector.threshold_bins(hist, targets)
+        for v, th in zip(selecting, thresholds, strict=True):
+            v.threshold = th
+            v.bin_total = int(hist[th.bin])
+            v.early_left, v.late_counts = ties.of_bin(th.bin, v.bin_total)
+        del hist, ties
+    scanned.hist = scanned.ties = None
 
-    # ---- pass 2: write every variant -----------------------------------------------------
     layout = tuned.output_layout()
     for v in variants:
-        v.stats = VariantStats({n: TensorStats(s.numel, s.sum_r) for n, s in tensor_stats.items()})
+        v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
+                                for n in region})
         v.folder = new_temp_folder(out, v.name)
-        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
+        # a k's files keep their pages cached until its threshold is known and the recorded
+        # elements are patched; only then may written data leave the cache
+        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata,
+                                 drop_written=v.k is None)
     try:
-        for name in tqdm(order, desc="restore pass 2/2", unit="tensor", disable=not cfg.progress):
-            info = tuned.tensors[name]
-            b_flat, t_flat = base.tensor(name).reshape(-1), tuned.tensor(name).reshape(-1)
-            if name not in region_set:
-                for a, e in _chunks(info.numel, buffers.size):
-                    for v in variants:
-                        v.writer.write(name, a, t_flat[a:e])
-                continue
-            for a, e in _chunks(info.numel, buffers.size):
-                m = e - a
-                bc, tc = b_flat[a:e], t_flat[a:e]
-                r = selector.relative_change(bc, tc, buffers.r, buffers.scratch)
-                keys = bins = None
-                if selecting:
-                    keys = selector.score_keys(r, strategy, starts[name] + a, cfg.seed,
-                                               buffers.keys)
-                    if any(v.cut is None for v in selecting):
-                        bins = torch.bitwise_right_shift(keys, selector.BIN_SHIFT,
-                                                         out=buffers.bins[:m])
-                for v in variants:
-                    if v.group is not None:
-                        if in_layer_group(name, v.group):
-                            v.writer.write(name, a, bc)
-                            v.stats.add(name, m, float(r.sum()))
-                        else:
-                            v.writer.write(name, a, tc)
-                        continue
-                    _select_chunk(v, name, a, m, bc, tc, r, keys, bins, strategy, buffers)
-        for v in selecting:
-            if v.cut is None or v.ties_left:
-                raise AssertionError(f"{v.name}: pass 2 did not meet the elements pass 1 counted")
+        write_variants(tensors, pieces(tuned, order, selection, cfg.chunk_elements, False),
+                       selection, variants, workers, cfg.chunk_elements, cfg.progress)
     except BaseException:
         for v in variants:
             if v.writer is not None:
@@ -421,7 +319,20 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     finally:
         base.close()
         tuned.close()
+    _finish(cfg, base_model, tuned_model, tuned, variants, total, out)
 
+
+def _workers(threads: int) -> int:
+    """0 means one worker per core, at most 2 (the passes are memory-bound beyond that)."""
+    if threads > 0:
+        return threads
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
+def _finish(cfg: RestoreConfig, base_model: ResolvedModel, tuned_model: ResolvedModel,
+            tuned: Checkpoint, variants: list[Variant], total: int, out: Path) -> None:
+    """Index, config and tokenizer files, statistics, card and run record; then the rename."""
     versions = _versions()
     for v in variants:
         v.writer.close()
@@ -447,71 +358,3 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         commit_folder(v.folder, out / v.name)
         log.info("%s: restored %d of %d region elements -> %s", v.name, v.stats.restored, total,
                  out / v.name)
-
-
-def _select_chunk(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: torch.Tensor,
-                  r: torch.Tensor, keys: torch.Tensor, bins: torch.Tensor | None, strategy: str,
-                  buffers: _Buffers) -> None:
-    """Write one chunk of one k's variant; until the cut is known, record threshold-bin elements."""
-    th = v.threshold
-    if v.cut is None:
-        pos = torch.nonzero(torch.eq(bins, th.bin, out=buffers.cand[:m])).reshape(-1)
-        if pos.numel() < v.early_left:  # every threshold-bin element here is an early one
-            sure = torch.ge(keys, th.lo_key_sure, out=buffers.mask[:m])
-            _write_selected(v, name, a, m, bc, tc, r, sure, buffers)
-            v.early_left -= pos.numel()
-            if pos.numel():
-                # compact records: local position, int32 key, float32 r, raw base value
-                local = (pos + a).numpy()
-                local = local.astype(np.int32) if local[-1] < 2**31 else local
-                v.candidates.append((name, local, keys[pos].numpy().copy(),
-                                     r[pos].numpy().copy(), raw_view(bc[pos]).copy()))
-            return
-        _resolve(v, keys[pos[:v.early_left]].numpy(), strategy)
-    sel = torch.gt(keys, v.cut, out=buffers.mask[:m])
-    if v.ties_left:
-        tied = torch.nonzero(torch.eq(keys, v.cut, out=buffers.cand[:m])).reshape(-1)
-        tied = tied[:v.ties_left]
-        sel[tied] = True
-        v.ties_left -= tied.numel()
-    _write_selected(v, name, a, m, bc, tc, r, sel, buffers)
-
-
-def _write_selected(v: Variant, name: str, a: int, m: int, bc: torch.Tensor, tc: torch.Tensor,
-                    r: torch.Tensor, sel: torch.Tensor, buffers: _Buffers) -> None:
-    out = torch.where(sel, bc, tc, out=buffers.out(tc.dtype, m))
-    v.writer.write(name, a, out)
-    # no temporaries here (sum of a bool, or float times bool, would allocate one per chunk)
-    count = int(torch.count_nonzero(sel))
-    if count:
-        as_float = buffers.scratch[:m].copy_(sel)
-        v.stats.add(name, count, float(torch.dot(r, as_float)))
-
-
-def _resolve(v: Variant, early_here: np.ndarray, strategy: str) -> None:
-    """All early elements seen: fix the exact threshold key, patch the recorded candidates."""
-    th = v.threshold
-    stored = (np.concatenate([c[2] for c in v.candidates]) if v.candidates
-              else np.zeros(0, dtype=np.int32))
-    counts = v.late_counts.copy()
-    counts += np.bincount(stored & (selector.FINE - 1), minlength=selector.FINE)
-    counts += np.bincount(early_here & (selector.FINE - 1), minlength=selector.FINE)
-    if int(counts.sum()) != v.bin_total:
-        raise AssertionError(f"{v.name}: threshold bin holds {counts.sum():.0f} elements in pass "
-                             f"2 but {v.bin_total} in pass 1")
-    low, above_in_bin = selector.fine_cut(counts, th.take)
-    v.cut = (th.bin << selector.BIN_SHIFT) | low
-    v.threshold_r = selector.key_to_r(v.cut, strategy)
-    m = th.take - above_in_bin
-    tied = stored == v.cut
-    chosen = (stored > v.cut) | (tied & (np.cumsum(tied) <= m))  # stored in global order
-    v.ties_left = m - min(m, int(tied.sum()))
-    offset = 0
-    for name, local, _, r, raw in v.candidates:
-        picks = np.flatnonzero(chosen[offset:offset + len(local)])
-        offset += len(local)
-        if len(picks):
-            v.writer.patch(name, local[picks], raw[picks])
-            v.stats.add(name, len(picks), float(r[picks].astype(np.float64).sum()))
-    v.candidates.clear()
-    v.late_counts = None

@@ -6,6 +6,11 @@ by chunk with ``os.pwrite`` and patched in place through ``numpy.memmap``. Writt
 because safetensors' own ``save_file`` needs every tensor of a shard in memory at once, which
 would put one shard per requested k in RAM. Outputs live in a temp folder beside the final
 one and are renamed into place only when complete.
+
+Written data streams to disk a little behind the writes and leaves the page cache
+(:class:`WriteBehind`): several model-sized outputs would otherwise fill memory with dirty
+pages, push the inputs out of the cache and stall every write on the kernel's dirty-page
+throttling (measured in benchmarks/restore).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 
 from sftknow_eval.restore.reader import SAFETENSORS_DTYPE_NAMES, SAFETENSORS_INDEX, TensorInfo
+from sftknow_eval.write_behind import WriteBehind
 
 TEMP_PREFIX = ".tmp-restore-"
 #: Files copied from the tuned model beside the weights (config, tokenizer, generation config).
@@ -45,11 +51,12 @@ class ShardedWriter:
     """One output model's weight files; tensors may be written in any order, in chunks."""
 
     def __init__(self, folder: Path, layout: dict[str, list[str]], infos: dict[str, TensorInfo],
-                 metadata: dict[str, dict[str, str] | None]):
+                 metadata: dict[str, dict[str, str] | None], *, drop_written: bool = True):
         self.folder = folder
         self.infos = infos
         self.layout = layout
         self._fds: dict[str, int] = {}
+        self._behind: dict[str, WriteBehind] = {}
         self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file, absolute byte offset)
         for file, names in layout.items():
             header: dict[str, object] = {}
@@ -72,21 +79,35 @@ class ShardedWriter:
             os.write(fd, struct.pack("<Q", len(blob)) + blob)
             os.ftruncate(fd, start + offset)
             self._fds[file] = fd
+            self._behind[file] = WriteBehind(fd, drop=drop_written)
             for name in names:
                 self._where[name] = (file, start + header[name]["data_offsets"][0])  # type: ignore[index]
 
     def write(self, name: str, first_element: int, chunk: torch.Tensor) -> None:
         """Write a contiguous run of the tensor's flat elements starting at ``first_element``."""
+        self.write_raw(name, first_element, raw_view(chunk.contiguous()))
+
+    def write_raw(self, name: str, first_element: int, data: np.ndarray) -> None:
+        """Like :meth:`write`, for the elements' raw bits (see :func:`raw_view`)."""
         file, base = self._where[name]
-        data = raw_view(chunk.contiguous())
-        offset = base + first_element * chunk.element_size()
+        start = offset = base + first_element * data.itemsize
         view = memoryview(data).cast("B")
         while view:
             written = os.pwrite(self._fds[file], view, offset)
             view, offset = view[written:], offset + written
+        self._behind[file].wrote(start, offset - start)
+
+    def drop_written(self) -> None:
+        """From now on, let written data leave the page cache (see :class:`WriteBehind`)."""
+        for behind in self._behind.values():
+            behind.drop = True
 
     def patch(self, name: str, positions: np.ndarray, raw_values: np.ndarray) -> None:
-        """Overwrite single elements (flat positions) with raw values of the tensor's itemsize."""
+        """Overwrite single elements (flat positions) with raw values of the tensor's itemsize.
+
+        Through a shared mapping, not flushed: msync on every patch cost more than the patch,
+        and the pages reach the file like any other write (no fsync anywhere, see close).
+        """
         if len(positions) == 0:
             return
         file, base = self._where[name]
@@ -95,13 +116,13 @@ class ShardedWriter:
         mapped = np.memmap(self.folder / file, dtype=_RAW_DTYPES[itemsize], mode="r+",
                            offset=base, shape=(info.numel,))
         mapped[positions] = raw_values
-        mapped.flush()
         del mapped
 
     def close(self) -> None:
         for fd in self._fds.values():  # no fsync: atomicity comes from the folder rename
             os.close(fd)
         self._fds.clear()
+        self._behind.clear()
 
     def write_index(self, source_index: dict | None) -> None:
         """Write model.safetensors.index.json when the tuned model had one (or several shards)."""

@@ -1,0 +1,81 @@
+"""Write-behind for large sequential outputs: written ranges go to disk at once and leave the
+page cache a little later, as ``dd oflag=nocache`` does. Standard library only, so tools that
+must not pay for importing torch (the restore benchmark's I/O floor) can use it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+import threading
+from collections import deque
+
+
+def _libc_sync_file_range():
+    """libc's sync_file_range (Linux only; the standard library has no binding), or None."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+_UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+class WriteBehind:
+    """Write-behind for one file: start writeback of each written range at once, and once
+    ``lag`` newer bytes follow it, wait for it and drop it from the page cache.
+
+    Written by hand: no library streams writes this way (it is what ``dd oflag=nocache`` does).
+    Without it, writing several model-sized files fills memory with dirty pages; then each
+    write waits on the kernel's throttling and the inputs are pushed out of the cache. Linux
+    only; elsewhere, or on a file system without sync_file_range, it does nothing. With
+    ``drop`` off, ranges are only queued (a file about to be patched keeps its pages cached);
+    once it is turned on, each write drops at most two queued ranges, so the backlog drains
+    without a stall.
+    """
+
+    def __init__(self, fd: int, lag: int = 64 << 20, drop: bool = True):
+        self.fd = fd
+        self.lag = lag
+        self.drop = drop
+        self.enabled = _SYNC_FILE_RANGE is not None
+        self._ranges: deque[tuple[int, int]] = deque()
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def wrote(self, offset: int, length: int) -> None:
+        if not self.enabled or length <= 0:
+            return
+        if not self._sync(offset, length, _SFR_WRITE):
+            return
+        done = []
+        with self._lock:
+            self._ranges.append((offset, length))
+            self._pending += length
+            while self.drop and self._pending > self.lag and len(done) < 2:
+                old = self._ranges.popleft()
+                self._pending -= old[1]
+                done.append(old)
+        for old_offset, old_length in done:
+            if self._sync(old_offset, old_length, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER):
+                os.posix_fadvise(self.fd, old_offset, old_length, os.POSIX_FADV_DONTNEED)
+
+    def _sync(self, offset: int, length: int, flags: int) -> bool:
+        if _SYNC_FILE_RANGE(self.fd, offset, length, flags) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in _UNSUPPORTED:
+            self.enabled = False
+            return False
+        raise OSError(code, f"sync_file_range: {os.strerror(code)}")
