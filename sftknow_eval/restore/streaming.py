@@ -1,24 +1,27 @@
 """The two streaming passes of restore, run on worker threads: scan (pass 1) and write (pass 2).
 
 Pass 1 reads every tensor once: NaN/Inf checks, per-tensor summed r, the key histogram and the
-exact key counts of heavy bins (:class:`selector.TieCounts`). Pass 2 reads them again and writes
-every requested variant at once, deciding each element on the spot except the first few of each
-k's threshold bin, which are recorded and patched in place once the exact threshold key is known
-(see ``selector``). Both passes visit tensors in natural name order (the global element order).
+exact key counts of marked bins (:class:`selector.TieCounts`). Pass 2 reads them again and
+writes every requested variant at once, deciding each element on the spot except the early
+elements of each k's threshold bin, which are recorded and patched in place once the exact
+threshold key is known (see ``selector``). Both passes visit tensors in natural name order (the
+global element order).
 
 Threads. The element-wise maths runs on ``workers`` Python threads, each running torch
 single-threaded: torch and numpy release the GIL inside their kernels, so two cores work on two
 chunks at once. (Not torch's own intra-op threads: on a busy machine the barriers of OpenMP made
 two-thread ops 15x slower than one.) In pass 1 the workers take chunks in batches of
-``workers`` and heavy bins are marked between batches, so the split between the elements pass 2
+``workers`` and bins are marked between batches, so the split between the elements pass 2
 records and the ones pass 1 counts falls on a point of global order whatever the number of
 workers: the outputs do not depend on it (tested). In pass 2 the workers compute r, keys and
-the candidates of the next chunks while the main thread decides and writes the current one.
+the candidates of the next chunks while the main thread makes the sequential decisions; the
+chunks are then assembled and written by jobs on the same workers.
 
 Memory: per worker one chunk of ``chunk_elements`` elements in work buffers and, in pass 1, a
-64 MB histogram plus its share of the exact key counts (at most ~32 MB in all); one open shard
-per model (two for a moment when a shard ends); per k fewer than ``heavy_bin_elements`` plus
-one chunk of recorded candidates.
+table of the 64 MB histogram plus 2 KB per count slot (at most 47 MB for five k's, whatever
+the model size: see ``TieCounts``), beside a shared 32 MB bin map; at most ``4 * workers`` output chunks in
+flight; one open shard per model (two for a moment when a shard ends); per k the recorded
+early elements of its threshold bin (13-14 bytes each).
 """
 
 from __future__ import annotations
