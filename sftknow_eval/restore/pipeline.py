@@ -33,9 +33,9 @@ from sftknow_eval.restore.regions import (
 )
 from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
 from sftknow_eval.restore.streaming import (
+    CheckpointPair,
     Selection,
     Variant,
-    _Tensors,
     pieces,
     scan,
     write_variants,
@@ -156,7 +156,7 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
     The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2), each with
     torch single-threaded (see ``streaming``); the calling thread's torch setting is restored.
     """
-    _pin_malloc_mmap_threshold()
+    _tune_malloc()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -165,14 +165,15 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
         torch.set_num_threads(previous)
 
 
-def _pin_malloc_mmap_threshold() -> None:
+def _tune_malloc() -> None:
     """glibc only, best effort: fix malloc's mmap and trim thresholds for the run.
 
     By default glibc moves the mmap threshold with every large free and trims the heap on
     free; per-chunk arrays (megabytes each, thousands of chunks) then either fragment the heap
     (peak RSS grew with the model) or come back as fresh pages each time, which the kernel
-    must zero (half the system time of pass 2, measured). Fixed at 32 MiB / 512 MiB, freed
-    chunk arrays are reused from the heap; nothing per chunk is larger than 32 MiB.
+    must zero (pass 2 with five k's: 3.3 M page faults, against 0.3 M now). Fixed at 32 MiB /
+    512 MiB, freed chunk arrays are reused from the heap; nothing per chunk is larger than
+    32 MiB.
     """
     import ctypes
     import ctypes.util
@@ -276,7 +277,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     # natural name order in both passes: region tensors then come in global element order,
     # which the tie-break (lower global index first) and the early/late split rely on
     order = sorted(tuned.tensors, key=natural_key)
-    tensors = _Tensors(base, tuned)
+    tensors = CheckpointPair(base, tuned)
 
     targets = [selector.count_to_select(total, v.k) for v in selecting]
     scanned = scan(tensors, pieces(tuned, order, selection, cfg.chunk_elements, True), selection,

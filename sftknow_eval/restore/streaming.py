@@ -152,7 +152,7 @@ class _Workers:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Tensors:
+class CheckpointPair:
     """The main thread's door to both checkpoints: a piece's base and tuned slices.
 
     Only the main thread opens shards; workers get slices, which keep their shard's mapping
@@ -202,7 +202,7 @@ class _ScanState:
         self.table = ties.new_table() if ties is not None else None
 
 
-def scan(tensors: _Tensors, parts: list[Piece], selection: Selection, targets: list[int],
+def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targets: list[int],
          workers: int, size: int, heavy: int | None, progress: bool) -> ScanResult:
     """Pass 1 over ``parts`` (every floating-point tensor), in batches of ``workers`` pieces.
 
@@ -374,7 +374,7 @@ def _restored_write_job(queue: _WriteQueue, v: Variant, piece: Piece, tuned_raw:
     return int(chosen.size), float(cand.r[chosen].sum(dtype=np.float64))
 
 
-def write_variants(tensors: _Tensors, parts: list[Piece], selection: Selection,
+def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selection,
                    variants: list[Variant], workers: int, size: int, progress: bool) -> None:
     """Pass 2 over ``parts`` (every tensor): each variant's weights, written as they are decided.
 
