@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="reset the most-changed fine-tuned weights to their base values (one model per k)",
         description=(
             "Parameter restoration (Ye et al., EMNLP 2025, METHOD.md §6). r = |tuned - base| / "
-            "(|base| + 1e-8) in float32; within --region, the k%% of elements with the largest "
-            "r (top), smallest (bottom) or a seeded random k%% go back to the base values. "
+            "(|base| + 1e-8) in float32; within --region, the k% of elements with the largest "
+            "r (top), smallest (bottom) or a seeded random k% go back to the base values. "
             "Exact global selection, ties broken by position (tensors in natural name order, "
             "elements row-major). Streams shards; writes <out>/<strategy><k>/ per k."
         ),
