@@ -221,10 +221,13 @@ class TieCounts:
         hist = tables[0][:NUM_BINS].numpy().copy()
         for table in tables[1:]:
             hist += table[:NUM_BINS].numpy()
-        for b, slot in self.slot_of.items():
-            start = NUM_BINS + slot * FINE
-            hist[b] += sum(float(t[start:start + FINE].sum()) for t in tables)
+        marked = self._marked_bins()
+        for table in tables:  # slots are numbered in marking order: 0 .. len(marked) - 1
+            hist[marked] += table[NUM_BINS:].view(self.slots, FINE)[:marked.size].sum(1).numpy()
         return hist
+
+    def _marked_bins(self) -> np.ndarray:
+        return np.fromiter(self.slot_of, dtype=np.int64, count=len(self.slot_of))
 
     def mark_heavy(self, tables: list[torch.Tensor], sample: torch.Tensor) -> None:
         """Mark the sampled unmarked bins whose count (summed over the workers) is heavy."""
@@ -271,8 +274,8 @@ class TieCounts:
         for table in tables[1:]:
             total += table
         self.hist, self.counts = total[:NUM_BINS], total[NUM_BINS:].view(self.slots, FINE)
-        for b, slot in self.slot_of.items():
-            self.hist[b] += float(self.counts[slot].sum())
+        marked = torch.from_numpy(self._marked_bins())
+        self.hist[marked] += self.counts[:marked.numel()].sum(1)
         return self.hist
 
     def of_bin(self, b: int, bin_total: int) -> tuple[int, np.ndarray]:

@@ -83,12 +83,9 @@ class ShardedWriter:
             for name in names:
                 self._where[name] = (file, start + header[name]["data_offsets"][0])  # type: ignore[index]
 
-    def write(self, name: str, first_element: int, chunk: torch.Tensor) -> None:
-        """Write a contiguous run of the tensor's flat elements starting at ``first_element``."""
-        self.write_raw(name, first_element, raw_view(chunk.contiguous()))
-
     def write_raw(self, name: str, first_element: int, data: np.ndarray) -> None:
-        """Like :meth:`write`, for the elements' raw bits (see :func:`raw_view`)."""
+        """Write a contiguous run of the tensor's flat elements starting at ``first_element``,
+        given as their raw bits (see :func:`raw_view`)."""
         file, base = self._where[name]
         start = offset = base + first_element * data.itemsize
         view = memoryview(data).cast("B")
