@@ -182,6 +182,9 @@ def test_bad_k_empty_region_identical(tmp_path, pair, caplog):
         run(tmp_path / "empty", base, tuned, region="re:nothing_here")
     with pytest.raises(UserError, match="less than one"):
         run(tmp_path / "tiny", base, tuned, k=[0.001])
+    with pytest.raises(UserError, match="--threads -1"):
+        run(tmp_path / "threads", base, tuned, k=[5], threads=-1)
+    assert not (tmp_path / "threads" / "out").exists()
     result = run(tmp_path / "same", base, base, k=[5])
     assert result.warnings and "nothing to restore" in result.warnings[0]
     assert not (tmp_path / "same" / "out" / "top5").exists()

@@ -193,6 +193,9 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
     strategy = cfg.strategy
     if strategy not in selector.STRATEGIES:
         raise UserError(f"--strategy {strategy!r}: use one of {', '.join(selector.STRATEGIES)}")
+    if cfg.threads < 0:
+        raise UserError(f"--threads {cfg.threads}: use 0 (one per core, at most 2) or a "
+                        "positive number of worker threads")
     if cfg.layers and cfg.k:
         raise UserError("--layers restores whole layer groups; do not combine it with --k")
     ks = [] if cfg.layers else [selector.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]
