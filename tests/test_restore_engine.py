@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sftknow_eval.restore import RestoreConfig, restore, selector
+from sftknow_eval.restore import RestoreConfig, kernels, restore, selector
 from sftknow_eval.restore.regions import natural_key, select_region
 
 LAYER_MATS = {
@@ -206,22 +206,32 @@ def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
     then on, the elements seen so far become their early (recorded) part, and the finished
     histogram still counts every element."""
     total = 1 << 16
-    keys = (torch.arange(total, dtype=torch.int64) * 97 % (1 << 20)).to(torch.int32)
-    bins = keys >> selector.BIN_SHIFT  # spread over 4096 bins
+    # base 1 and tuned 1 + m / 2**23 (exact in float32): r = m / 2**23, and the keys (r's bits)
+    # spread over 4096 bins, 16 elements each
+    m = 2**20 + torch.arange(total, dtype=torch.int64) * 97 % 2**17
+    base = torch.ones(total, dtype=torch.float32)
+    tuned = (1 + m.double() / 2**23).float()
+    keys = selector.score_keys(selector.relative_change(base, tuned), "top", 0, 0)
+    bins = keys >> selector.BIN_SHIFT
+    assert torch.unique(bins).numel() == 4096
     seen = total // 64
     n = total // 10  # the top 10%
     ties = selector.TieCounts(total, heavy=total, targets=[n])
     table = ties.new_table()
-    buffers = (torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=torch.int32),
-               torch.empty(total, dtype=torch.bool), torch.empty(total, dtype=torch.int64))
-    ties.count(table, keys[:seen], *buffers)
+
+    def count(start: int, stop: int) -> None:
+        sample = np.empty(-(-(stop - start) // selector.DETECT_STRIDE), dtype=np.int64)
+        kernels.count_keys(base.numpy()[start:stop], tuned.numpy()[start:stop], 0, start, 0,
+                           ties.target_np, table.numpy(), sample)
+
+    count(0, seen)
     ties.mark_near([table], seen)
     order = torch.sort(keys[:seen], descending=True).values
     expected_bin = int(order[round(n * seen / total) - 1]) >> selector.BIN_SHIFT
     assert expected_bin in ties.early
     assert len(ties.early) <= 2 * selector.NEAR_BINS + 1
     assert all(ties.early[b] == int((bins[:seen] == b).sum()) for b in ties.early)
-    ties.count(table, keys[seen:], *buffers)
+    count(seen, total)
     hist = ties.finish([table])
     assert torch.equal(hist, torch.bincount(bins, minlength=selector.NUM_BINS).double())
     in_bin = bins == expected_bin
@@ -229,5 +239,5 @@ def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
     assert early == int(in_bin[:seen].sum())
     later = keys[seen:][in_bin[seen:]] & (selector.FINE - 1)
     assert np.array_equal(fine, np.bincount(later.numpy(), minlength=selector.FINE))
-    unmarked = next(b for b in range(4096) if b not in ties.early and int((bins == b).sum()))
+    unmarked = next(b for b in torch.unique(bins).tolist() if b not in ties.early)
     assert ties.of_bin(unmarked, 5) == (5, pytest.approx(np.zeros(selector.FINE)))

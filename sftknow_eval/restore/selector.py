@@ -79,6 +79,11 @@ def relative_change(base: torch.Tensor, tuned: torch.Tensor, out: torch.Tensor |
     return out.div_(scratch)
 
 
+def random_seed_term(seed: int) -> int:
+    """The seed's 32-bit contribution to every random key."""
+    return (seed * 0x9E3779B1 + 0x7F4A7C15) & _MASK32
+
+
 def random_keys(start: int, n: int, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Seeded 31-bit hash keys for global indices start..start+n-1 (int64).
 
@@ -89,7 +94,7 @@ def random_keys(start: int, n: int, seed: int, out: torch.Tensor | None = None) 
     high = x >> 32
     x.bitwise_and_(_MASK32)
     x.bitwise_xor_((high * _MIX) & _MASK32)
-    x.bitwise_xor_((seed * 0x9E3779B1 + 0x7F4A7C15) & _MASK32)
+    x.bitwise_xor_(random_seed_term(seed))
     for _ in range(3):
         x.bitwise_xor_(x >> 16).mul_(_MIX).bitwise_and_(_MASK32)
     x.bitwise_xor_(x >> 16)
@@ -175,11 +180,11 @@ class TieCounts:
     which is slower but just as exact. At most ``total // heavy`` bins become heavy and
     CHECKPOINTS x targets x (2 NEAR_BINS + 1) are marked near, so the tables have a fixed size.
 
-    Layout, so that one chunk costs one gather and one scatter-add (the two were 55% of pass 1,
-    measured): each worker owns one float64 table (:meth:`new_table`), the histogram in its
-    first NUM_BINS entries and then FINE counts per slot; the shared ``target`` map sends bin
-    ``b`` to entry ``b`` while unmarked and to its slot's first entry once marked, where the
-    key's low bits are added. Marking happens only while no worker is counting.
+    Layout, so that counting an element is one lookup and one increment
+    (``kernels.count_keys``): each worker owns one float64 table (:meth:`new_table`), the
+    histogram in its first NUM_BINS entries and then FINE counts per slot; the shared ``target``
+    map sends bin ``b`` to entry ``b`` while unmarked and to its slot's first entry once marked,
+    where the key's low bits are added. Marking happens only while no worker is counting.
     """
 
     def __init__(self, total: int, heavy: int | None = None, targets: list[int] | None = None):
@@ -187,6 +192,7 @@ class TieCounts:
         self.total = total
         self.targets = list(targets or [])
         self.target = torch.arange(NUM_BINS, dtype=torch.int32)  # int32: < 2**31 entries
+        self.target_np = self.target.numpy()  # the same memory, for the compiled kernels
         self.slots = (total // self.heavy + 1
                       + len(CHECKPOINTS) * len(self.targets) * (2 * NEAR_BINS + 1))
         if NUM_BINS + self.slots * FINE >= 2**31:
@@ -198,23 +204,6 @@ class TieCounts:
 
     def new_table(self) -> torch.Tensor:
         return torch.zeros(NUM_BINS + self.slots * FINE, dtype=torch.float64)
-
-    def count(self, table: torch.Tensor, keys: torch.Tensor, bins: torch.Tensor,
-              entry: torch.Tensor, marked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Count one chunk of keys into a worker's table; returns a sample of its bins.
-
-        ``bins`` and ``entry`` are int32, ``marked`` bool and ``index`` int64 buffers at least
-        as long as the chunk.
-        """
-        n = keys.numel()
-        bins = torch.bitwise_right_shift(keys, BIN_SHIFT, out=bins[:n])
-        sample = bins[::DETECT_STRIDE].clone()
-        entry = torch.index_select(self.target, 0, bins, out=entry[:n])
-        low = torch.bitwise_and(keys, FINE - 1, out=bins)
-        low.mul_(torch.ge(entry, NUM_BINS, out=marked[:n]))
-        index = torch.add(entry, low, out=index[:n])
-        table.scatter_add_(0, index, _ONE.expand(n))
-        return sample
 
     def _histogram(self, tables: list[torch.Tensor]) -> np.ndarray:
         """The histogram so far, summed over the workers, marked bins included (a copy)."""
@@ -284,9 +273,6 @@ class TieCounts:
         if slot is None:
             return bin_total, np.zeros(FINE, dtype=np.float64)
         return self.early[b], self.counts[slot].numpy().copy()
-
-
-_ONE = torch.ones(1, dtype=torch.float64)
 
 
 def key_to_r(key: int, strategy: str) -> float | None:

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from sftknow_eval.errors import UserError
-from sftknow_eval.restore import selector
+from sftknow_eval.restore import kernels, selector
 from sftknow_eval.restore.reader import Checkpoint
 from sftknow_eval.restore.regions import in_layer_group
 from sftknow_eval.restore.stats import VariantStats
@@ -106,14 +106,18 @@ class _Buffers:
     """One worker's reusable buffers (fresh large allocations page-fault on every call)."""
 
     def __init__(self, size: int):
-        self.r = torch.empty(size, dtype=torch.float32)
-        self.scratch = torch.empty(size, dtype=torch.float32)
-        self.keys = torch.empty(size, dtype=torch.int32)
-        self.bins = torch.empty(size, dtype=torch.int32)
-        self.entry = torch.empty(size, dtype=torch.int32)
-        self.marked = torch.empty(size, dtype=torch.bool)
-        self.index = torch.empty(size, dtype=torch.int64)
-        self.mask = np.empty(size, dtype=bool)
+        self.base32 = np.empty(size, dtype=np.float32)  # fp16 / fp64 chunks cast to float32
+        self.tuned32 = np.empty(size, dtype=np.float32)
+        self.sample = np.empty(-(-size // selector.DETECT_STRIDE), dtype=np.int64)
+        self.pos = np.empty(size, dtype=np.int64)
+        self.keys = np.empty(size, dtype=np.int32)
+        self.r = np.empty(size, dtype=np.float32)
+
+    def inputs(self, bc: torch.Tensor, tc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A piece's base and tuned values as the kernels take them (see ``kernels``)."""
+        bf16 = bc.dtype == torch.bfloat16
+        return (kernels.as_kernel_input(raw_view(bc) if bf16 else bc.numpy(), bf16, self.base32),
+                kernels.as_kernel_input(raw_view(tc) if bf16 else tc.numpy(), bf16, self.tuned32))
 
 
 class _Workers:
@@ -200,6 +204,7 @@ class _ScanState:
     def __init__(self, size: int, ties: selector.TieCounts | None):
         self.buffers = _Buffers(size)
         self.table = ties.new_table() if ties is not None else None
+        self.table_np = self.table.numpy() if self.table is not None else None
 
 
 def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targets: list[int],
@@ -252,13 +257,14 @@ def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, piece: Piece, b
                 tc: torch.Tensor, selection: Selection) -> tuple[float, torch.Tensor | None]:
     """One piece of pass 1 on a worker: summed r, and (in the region) its counts."""
     st: _ScanState = pool.state()
-    buf = st.buffers
-    r = selector.relative_change(bc, tc, buf.r, buf.scratch)
-    s = float(r.sum())  # float32 with torch's cascade summation; totals in Python floats
-    if piece.first is None or ties is None or not np.isfinite(s):
-        return s, None
-    keys = selector.score_keys(r, selection.strategy, piece.first, selection.seed, buf.keys)
-    return s, ties.count(st.table, keys, buf.bins, buf.entry, buf.marked, buf.index)
+    base, tuned = st.buffers.inputs(bc, tc)
+    if piece.first is None or ties is None:
+        return kernels.sum_relative_change(base, tuned), None
+    sample = st.buffers.sample[:-(-base.size // selector.DETECT_STRIDE)]
+    s = kernels.count_keys(base, tuned, kernels.STRATEGY_CODES[selection.strategy], piece.first,
+                           selector.random_seed_term(selection.seed), ties.target_np,
+                           st.table_np, sample)
+    return s, torch.from_numpy(sample.copy())
 
 
 # ------------------------------------------------------------------------------------- pass 2
@@ -269,8 +275,7 @@ class _Candidates:
     ``pos`` holds their positions in the chunk (ascending, i.e. global order), the others their
     keys, r and raw base bits. Every k's selection in this chunk is a subset of these, so each
     k's work is on this fraction of the chunk (at most the largest k plus its threshold bin),
-    not on the whole chunk. numpy, not torch: at this size its compare, flatnonzero and gather
-    are 4-6x faster than torch's single-threaded ones (measured; see benchmarks/restore).
+    not on the whole chunk. They are found by one compiled sweep (``kernels.find_candidates``).
     """
 
     pos: np.ndarray
@@ -278,18 +283,12 @@ class _Candidates:
     r: np.ndarray
     base_raw: np.ndarray
 
-    @classmethod
-    def of(cls, keys: np.ndarray, r: np.ndarray, base_raw: np.ndarray, low: int,
-           mask: np.ndarray) -> _Candidates:
-        pos = np.flatnonzero(np.greater_equal(keys, low, out=mask[:keys.size]))
-        return cls(pos, keys[pos], r[pos], base_raw[pos])
-
 
 @dataclass
 class _Prepared:
     """A region piece after a worker's part of pass 2."""
 
-    sum_r: float | None  # for layer groups
+    sum_r: float  # for layer groups
     candidates: _Candidates | None  # for the k's
 
 
@@ -304,14 +303,17 @@ def _lowest_key(selecting: list[Variant]) -> int:
 
 
 def _prepare_piece(pool: _Workers, piece: Piece, bc: torch.Tensor, tc: torch.Tensor,
-                   selection: Selection, low: int | None, group_sums: bool) -> _Prepared:
+                   selection: Selection, low: int | None) -> _Prepared:
     buf: _Buffers = pool.state()
-    r = selector.relative_change(bc, tc, buf.r, buf.scratch)
-    total = float(r.sum()) if group_sums else None
+    base, tuned = buf.inputs(bc, tc)
     if low is None:
-        return _Prepared(total, None)
-    keys = selector.score_keys(r, selection.strategy, piece.first, selection.seed, buf.keys)
-    return _Prepared(total, _Candidates.of(keys.numpy(), r.numpy(), raw_view(bc), low, buf.mask))
+        return _Prepared(kernels.sum_relative_change(base, tuned), None)
+    count, total = kernels.find_candidates(
+        base, tuned, kernels.STRATEGY_CODES[selection.strategy], piece.first,
+        selector.random_seed_term(selection.seed), low, buf.pos, buf.keys, buf.r)
+    pos = buf.pos[:count].copy()  # the buffers serve the next piece while these wait
+    return _Prepared(total, _Candidates(pos, buf.keys[:count].copy(), buf.r[:count].copy(),
+                                        raw_view(bc)[pos]))
 
 
 class _WriteQueue:
@@ -393,8 +395,7 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
         future = None
         if piece.first is not None:
             low = _lowest_key(selecting) if selecting else None
-            future = pool.submit(_prepare_piece, pool, piece, bc, tc, selection, low,
-                                 bool(groups))
+            future = pool.submit(_prepare_piece, pool, piece, bc, tc, selection, low)
         ahead.append((piece, bc, tc, future))
 
     bar = tqdm(total=len(parts), desc="restore pass 2/2", unit="chunk", disable=not progress)

@@ -1,0 +1,97 @@
+"""The compiled pass loops reproduce selector's torch definitions bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sftknow_eval.restore import kernels, selector
+from sftknow_eval.restore.writer import raw_view
+
+
+def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and tuned values with the awkward cases: zeros, ties, denormals, sign flips."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen) * 0.02
+    tuned = base + torch.randn(n, generator=gen) * 1e-3
+    base[::7] = 0.0
+    tuned[::11] = base[::11]  # unchanged
+    tuned[::13] = -base[::13]
+    base[5::17] = 1e-40  # float32 denormal (0 in bf16/fp16)
+    tuned[3::19] = base[3::19] * 4  # repeated ratios: exact ties in r
+    return base.to(dtype), tuned.to(dtype)
+
+
+def _inputs(t: torch.Tensor) -> np.ndarray:
+    bf16 = t.dtype == torch.bfloat16
+    values = raw_view(t) if bf16 else t.numpy()
+    return kernels.as_kernel_input(values, bf16, np.empty(t.numel(), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("strategy", selector.STRATEGIES)
+def test_candidates_match_torch_r_and_keys(dtype, strategy):
+    base, tuned = _pair(dtype, 50_000, seed=3)
+    r = selector.relative_change(base, tuned)
+    first = 123_456_789_012  # beyond 2**32: the random hash's high word takes part
+    keys = selector.score_keys(r, strategy, first, 7).numpy().astype(np.int64)
+    low = int(np.quantile(keys, 0.9))
+    n = base.numel()
+    pos, got_keys, got_r = np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.float32)
+    count, total = kernels.find_candidates(
+        _inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy], first,
+        selector.random_seed_term(7), low, pos, got_keys, got_r)
+    want = np.flatnonzero(keys >= low)
+    assert count == want.size > 0
+    np.testing.assert_array_equal(pos[:count], want)
+    np.testing.assert_array_equal(got_keys[:count], keys[want])
+    np.testing.assert_array_equal(got_r[:count].view(np.int32), r.numpy()[want].view(np.int32))
+    assert total == pytest.approx(float(r.double().sum()), rel=1e-12)
+    assert kernels.sum_relative_change(_inputs(base), _inputs(tuned)) == total
+
+
+@pytest.mark.parametrize("strategy", selector.STRATEGIES)
+def test_count_keys_fills_histogram_and_marked_slots(strategy):
+    base, tuned = _pair(torch.bfloat16, 30_000, seed=5)
+    r = selector.relative_change(base, tuned)
+    keys = selector.score_keys(r, strategy, 0, 1).numpy().astype(np.int64)
+    bins = keys >> selector.BIN_SHIFT
+    ties = selector.TieCounts(keys.size, heavy=1 << 30, targets=[100])
+    marked = np.unique(bins[::101])[:5]
+    for slot, b in enumerate(marked.tolist()):
+        ties.slot_of[b] = slot
+        ties.target[b] = selector.NUM_BINS + slot * selector.FINE
+    table = ties.new_table().numpy()
+    sample = np.full(-(-keys.size // selector.DETECT_STRIDE), -1, np.int64)
+    total = kernels.count_keys(_inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy],
+                               0, selector.random_seed_term(1), ties.target.numpy(), table,
+                               sample)
+    assert total == pytest.approx(float(r.double().sum()), rel=1e-12)
+    np.testing.assert_array_equal(sample, bins[::selector.DETECT_STRIDE])
+    want_hist = np.bincount(bins, minlength=selector.NUM_BINS).astype(np.float64)
+    is_marked = np.isin(bins, marked)
+    want_hist[marked] = 0
+    np.testing.assert_array_equal(table[:selector.NUM_BINS], want_hist)
+    slots = table[selector.NUM_BINS:].reshape(-1, selector.FINE)
+    for slot, b in enumerate(marked.tolist()):
+        low = keys[bins == b] & (selector.FINE - 1)
+        np.testing.assert_array_equal(slots[slot], np.bincount(low, minlength=selector.FINE))
+    assert slots[len(marked):].sum() == 0
+    assert table.sum() == keys.size and is_marked.any()
+
+
+@pytest.mark.parametrize("strategy", ["top", "bottom"])
+def test_nan_inputs_make_the_sum_nan_and_stay_inside_the_table(strategy):
+    """-inf in the base gives inf / inf: x86's default NaN has the sign bit set, so its key is
+    negative (top) or past 2**31 (bottom); such keys must not be counted (no bounds checks)."""
+    base, tuned = _pair(torch.bfloat16, 1_000, seed=9)
+    tuned[10] = float("nan")
+    base[20] = float("-inf")
+    table = np.zeros(selector.NUM_BINS, np.float64)
+    target = np.arange(selector.NUM_BINS, dtype=np.int32)
+    sample = np.zeros(16, np.int64)
+    total = kernels.count_keys(_inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy],
+                               0, 0, target, table, sample)
+    assert np.isnan(total)
+    assert 1_000 - 2 <= table.sum() <= 1_000 - 1  # the -inf element's NaN is never counted
