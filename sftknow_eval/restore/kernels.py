@@ -42,6 +42,8 @@ _EPS32 = np.float32(EPS)
 _KEY_LIMIT = 1 << 31
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x045D9F3B  # must match selector._MIX
+BLOCK = 16 * DETECT_STRIDE  # elements per vectorised step
+LANES = 8  # partial sums of r
 
 
 @intrinsic
@@ -95,24 +97,48 @@ def _random_key(index, seed_term):
 
 
 @njit(inline="always")
-def _key(r, strategy, index, seed_term):
+def _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes):
+    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``; their r
+    added to ``lanes`` (LANES partial sums, element j into lane j % LANES).
+
+    One loop per strategy and no counting in them, so that LLVM vectorises them; the partial
+    sums break the chain of dependent additions (the order of additions is fixed by the
+    chunk's elements alone, not by threads).
+    """
     if strategy == 0:
-        return np.int64(_bits_of_float(r))
-    if strategy == 1:
-        return INF_BITS - np.int64(_bits_of_float(r))
-    return _random_key(index, seed_term)
+        for j in range(size):
+            v = _relative_change(base, tuned, start + j)
+            r[j] = v
+            keys[j] = _bits_of_float(v)
+    elif strategy == 1:
+        for j in range(size):
+            v = _relative_change(base, tuned, start + j)
+            r[j] = v
+            keys[j] = INF_BITS - np.int64(_bits_of_float(v))
+    else:
+        for j in range(size):
+            r[j] = _relative_change(base, tuned, start + j)
+            keys[j] = _random_key(first + start + j, seed_term)
+    full = size - size % LANES
+    for j in range(0, full, LANES):
+        for lane in range(LANES):
+            lanes[lane] += r[j + lane]
+    for j in range(full, size):
+        lanes[j - full] += r[j]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def sum_relative_change(base, tuned):
-    """The summed r of a chunk (float64 accumulation); NaN or Inf when an input is."""
-    total = 0.0
-    for i in range(base.size):
-        total += _relative_change(base, tuned, i)
-    return total
+    """The summed r of a chunk (float64 partial sums); NaN or Inf when an input is."""
+    r = np.empty(BLOCK, np.float32)
+    keys = np.empty(BLOCK, np.int64)
+    lanes = np.zeros(LANES, np.float64)
+    for start in range(0, base.size, BLOCK):
+        _block(base, tuned, start, min(BLOCK, base.size - start), 0, 0, 0, r, keys, lanes)
+    return lanes.sum()
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
     """Pass 1 on one region chunk: returns summed r; counts every key into ``table``.
 
@@ -123,44 +149,50 @@ def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
     caller raise.
     """
     n = base.size
-    total = 0.0
-    for block in range(0, n, DETECT_STRIDE):
-        stop = min(n, block + DETECT_STRIDE)
-        for i in range(block, stop):
-            r = _relative_change(base, tuned, i)
-            total += r
-            key = _key(r, strategy, first + i, seed_term)
+    r = np.empty(BLOCK, np.float32)
+    keys = np.empty(BLOCK, np.int64)
+    lanes = np.zeros(LANES, np.float64)
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes)
+        for j in range(0, size, DETECT_STRIDE):  # BLOCK is a multiple of DETECT_STRIDE
+            sample[(start + j) // DETECT_STRIDE] = keys[j] >> BIN_SHIFT
+        for j in range(size):
+            key = keys[j]
             if key < 0 or key >= _KEY_LIMIT:
                 continue
-            bin_ = key >> BIN_SHIFT
-            if i == block:
-                sample[block // DETECT_STRIDE] = bin_
-            entry = np.int64(target[bin_])
+            entry = np.int64(target[key >> BIN_SHIFT])
             if entry >= NUM_BINS:
                 entry += key & (FINE - 1)
             table[entry] += 1.0
-    return total
+    return lanes.sum()
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def find_candidates(base, tuned, strategy, first, seed_term, low, pos, keys, r_out):
     """Pass 2 on one region chunk: the elements whose key is at least ``low``.
 
     Writes their positions (ascending), keys and r into the front of ``pos``, ``keys`` and
     ``r_out``; returns (how many, summed r of the whole chunk).
     """
+    lanes = np.zeros(LANES, np.float64)
     count = 0
-    total = 0.0
     for i in range(base.size):
         r = _relative_change(base, tuned, i)
-        total += r
-        key = _key(r, strategy, first + i, seed_term)
-        if key >= low:
-            pos[count] = i
-            keys[count] = key
-            r_out[count] = r
-            count += 1
-    return count, total
+        lanes[i % LANES] += r
+        if strategy == 0:
+            key = np.int64(_bits_of_float(r))
+        elif strategy == 1:
+            key = INF_BITS - np.int64(_bits_of_float(r))
+        else:
+            key = _random_key(first + i, seed_term)
+        # branch-free: always store, advance only for a candidate (a data-dependent branch
+        # mispredicts on a good share of the elements when k is large)
+        pos[count] = i
+        keys[count] = key
+        r_out[count] = r
+        count += key >= low
+    return count, lanes.sum()
 
 
 def as_kernel_input(values: np.ndarray, is_bfloat16: bool, scratch: np.ndarray) -> np.ndarray:

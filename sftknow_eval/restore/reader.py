@@ -1,20 +1,27 @@
-"""Reading room of restore: resolves a model folder, indexes shards, hands out one tensor at a time.
+"""Reading room of restore: resolves a model folder, indexes shards, hands out tensor data.
 
 Nothing here decides what to restore. A :class:`Checkpoint` knows which tensor lives in which
-shard file (from ``model.safetensors.index.json`` or the shard headers) and opens one shard at
-a time through ``safetensors.safe_open``, whose tensors are memory-mapped views: only the pages
-the caller touches are read, and they are released when the next shard is opened.
+shard file and at which byte offset (from ``model.safetensors.index.json`` and the shard
+headers). The passes read runs of elements as raw bytes with positional reads
+(:class:`RawRange`), from any thread, into buffers they own: on a cached 4 GB pair this copy
+took 0.17 s, against about 1.1 s of page faults for touching the same bytes through
+memory-mapped tensors (and two threads faulting at once contend in the kernel). Whole tensors,
+for error messages and pickle checkpoints, still come as memory-mapped views
+(:meth:`Checkpoint.tensor`), one shard open at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -38,12 +45,14 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's name, dtype, shape and the shard file (relative name) that holds it."""
+    """One tensor's name, dtype, shape, the shard file (relative name) that holds it and, for
+    safetensors, the absolute byte offset of its data in that file."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: str
+    offset: int | None = None
 
     @property
     def numel(self) -> int:
@@ -53,8 +62,44 @@ class TensorInfo:
         return n
 
     @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class RawRange:
+    """Flat elements of one tensor as raw bytes: ``nbytes`` at ``offset`` of an open shard
+    (``fd``), or, for pickle checkpoints, a flat slice of the loaded tensor (``tensor``).
+
+    ``dtype`` is the safetensors dtype name (``BF16``, ``F32``, ...). :meth:`read` may run on
+    any thread: positional reads share no file position.
+    """
+
+    dtype: str
+    itemsize: int
+    nbytes: int
+    fd: int | None = None
+    offset: int = 0
+    tensor: torch.Tensor | None = None
+
+    def read(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The bytes as uint8, in the front of ``out`` when given, else in a new array."""
+        data = np.empty(self.nbytes, dtype=np.uint8) if out is None else out[:self.nbytes]
+        if self.tensor is not None:
+            np.copyto(data, self.tensor.reshape(-1).view(torch.uint8).numpy())
+            return data
+        view, offset = memoryview(data), self.offset
+        while view:
+            got = os.preadv(self.fd, [view], offset)
+            if got <= 0:
+                raise UserError(f"shard truncated: {self.nbytes} bytes expected at byte "
+                                f"{self.offset}")
+            view, offset = view[got:], offset + got
+        return data
 
 
 def resolve_model(id_or_path: str, revision: str | None = None) -> ResolvedModel:
@@ -111,6 +156,7 @@ class Checkpoint:
     pickle: bool = False
     _open_file: str | None = field(default=None, repr=False)
     _handle: object | None = field(default=None, repr=False)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
@@ -142,7 +188,8 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, dict[str, str] | None] = {}
         for file in files:
-            with safe_open(folder / file, framework="pt") as handle:
+            with safe_open(folder / file, framework="pt") as handle:  # validates the header
+                offsets = _data_offsets(folder / file)
                 metadata[file] = handle.metadata()
                 for name in handle.keys():
                     sl = handle.get_slice(name)
@@ -152,7 +199,8 @@ class Checkpoint:
                                         f"{sl.get_dtype()}")
                     if name in tensors:
                         raise UserError(f"{folder}: tensor {name} appears in two shards")
-                    tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), file)
+                    tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), file,
+                                               offsets[name])
         return cls(folder, files, tensors, metadata, index)
 
     @classmethod
@@ -191,10 +239,29 @@ class Checkpoint:
             return self._handle[name]  # type: ignore[index]
         return self._handle.get_tensor(name)  # type: ignore[union-attr]
 
+    def raw_range(self, name: str, start: int, stop: int) -> RawRange:
+        """Flat elements ``[start, stop)`` of a tensor, to be read with :meth:`RawRange.read`.
+
+        Shard files stay open for positional reads until :meth:`close`.
+        """
+        info = self.tensors[name]
+        kind = SAFETENSORS_DTYPE_NAMES[info.dtype]
+        size = info.itemsize
+        if info.offset is None:  # pickle: no byte offsets; a slice of the mapped tensor
+            flat = self.tensor(name).reshape(-1)[start:stop]
+            return RawRange(kind, size, (stop - start) * size, tensor=flat)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(self.folder / info.file, os.O_RDONLY)
+        return RawRange(kind, size, (stop - start) * size, fd=fd, offset=info.offset + start * size)
+
     def close(self) -> None:
-        """Drop the open shard (and with it the mapped pages)."""
+        """Drop the open shard (and with it the mapped pages) and the files open for reads."""
         self._handle = None
         self._open_file = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def names_by_file(self) -> Iterator[tuple[str, list[str]]]:
         """Each shard with its tensors, in the checkpoint's order (reading shard by shard)."""
@@ -206,6 +273,20 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Each tensor's absolute data offset in a safetensors file, from its header.
+
+    Read by hand (8-byte little-endian header length, then JSON with ``data_offsets`` relative
+    to the end of the header): the safetensors package does not expose where the bytes are.
+    """
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    start = 8 + length
+    return {name: start + int(entry["data_offsets"][0]) for name, entry in header.items()
+            if name != "__metadata__"}
 
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import kernels, selector
-from sftknow_eval.restore.reader import Checkpoint
+from sftknow_eval.restore.reader import Checkpoint, RawRange
 from sftknow_eval.restore.regions import in_layer_group
 from sftknow_eval.restore.stats import VariantStats
-from sftknow_eval.restore.writer import ShardedWriter, raw_view
+from sftknow_eval.restore.writer import ShardedWriter
 
 
 @dataclass
@@ -102,10 +102,21 @@ def pieces(checkpoint: Checkpoint, order: list[str], selection: Selection, size:
     return out
 
 
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def raw_values(data: np.ndarray, source: RawRange) -> np.ndarray:
+    """Bytes read from ``source`` as unsigned ints of its itemsize (the writer's raw form)."""
+    return data.view(_UNSIGNED[source.itemsize])
+
+
 class _Buffers:
     """One worker's reusable buffers (fresh large allocations page-fault on every call)."""
 
     def __init__(self, size: int):
+        self.base_bytes = np.empty(size * 8, dtype=np.uint8)  # room for float64 chunks
+        self.tuned_bytes = np.empty(size * 8, dtype=np.uint8)
         self.base32 = np.empty(size, dtype=np.float32)  # fp16 / fp64 chunks cast to float32
         self.tuned32 = np.empty(size, dtype=np.float32)
         self.sample = np.empty(-(-size // selector.DETECT_STRIDE), dtype=np.int64)
@@ -113,11 +124,11 @@ class _Buffers:
         self.keys = np.empty(size, dtype=np.int32)
         self.r = np.empty(size, dtype=np.float32)
 
-    def inputs(self, bc: torch.Tensor, tc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """A piece's base and tuned values as the kernels take them (see ``kernels``)."""
-        bf16 = bc.dtype == torch.bfloat16
-        return (kernels.as_kernel_input(raw_view(bc) if bf16 else bc.numpy(), bf16, self.base32),
-                kernels.as_kernel_input(raw_view(tc) if bf16 else tc.numpy(), bf16, self.tuned32))
+    def values(self, data: np.ndarray, source: RawRange, scratch: np.ndarray) -> np.ndarray:
+        """Read bytes as the kernels take them (see ``kernels``)."""
+        bf16 = source.dtype == "BF16"
+        typed = data.view(np.uint16 if bf16 else _FLOATS[source.dtype])
+        return kernels.as_kernel_input(typed, bf16, scratch)
 
 
 class _Workers:
@@ -157,26 +168,22 @@ class _Workers:
 
 
 class CheckpointPair:
-    """The main thread's door to both checkpoints: a piece's base and tuned slices.
+    """The main thread's door to both checkpoints: a piece's base and tuned byte ranges.
 
-    Only the main thread opens shards; workers get slices, which keep their shard's mapping
-    alive for as long as they are referenced.
+    Only the main thread opens files; workers read the ranges (positional reads, see
+    ``reader.RawRange``) into buffers they own.
     """
 
     def __init__(self, base: Checkpoint, tuned: Checkpoint):
         self.base, self.tuned = base, tuned
-        self._name: str | None = None
-        self._flat: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def whole(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if name != self._name:
-            self._flat = (self.base.tensor(name).reshape(-1), self.tuned.tensor(name).reshape(-1))
-            self._name = name
-        return self._flat  # type: ignore[return-value]
+        """Both whole tensors, memory-mapped (for error messages)."""
+        return self.base.tensor(name).reshape(-1), self.tuned.tensor(name).reshape(-1)
 
-    def slices(self, piece: Piece) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t = self.whole(piece.name)
-        return b[piece.start:piece.stop], t[piece.start:piece.stop]
+    def ranges(self, piece: Piece) -> tuple[RawRange, RawRange]:
+        return (self.base.raw_range(piece.name, piece.start, piece.stop),
+                self.tuned.raw_range(piece.name, piece.start, piece.stop))
 
 
 def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> UserError:
@@ -224,7 +231,7 @@ def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targ
     try:
         for i in range(0, len(parts), pool.workers):
             batch = parts[i:i + pool.workers]
-            futures = [pool.submit(_scan_piece, pool, ties, p, *tensors.slices(p), selection)
+            futures = [pool.submit(_scan_piece, pool, ties, p, *tensors.ranges(p), selection)
                        for p in batch]
             samples = []
             for p, future in zip(batch, futures, strict=True):
@@ -253,15 +260,17 @@ def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targ
     return ScanResult(sum_r, changed_outside, hist, ties)
 
 
-def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, piece: Piece, bc: torch.Tensor,
-                tc: torch.Tensor, selection: Selection) -> tuple[float, torch.Tensor | None]:
+def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, piece: Piece, base: RawRange,
+                tuned: RawRange, selection: Selection) -> tuple[float, torch.Tensor | None]:
     """One piece of pass 1 on a worker: summed r, and (in the region) its counts."""
     st: _ScanState = pool.state()
-    base, tuned = st.buffers.inputs(bc, tc)
+    buf = st.buffers
+    b = buf.values(base.read(buf.base_bytes), base, buf.base32)
+    t = buf.values(tuned.read(buf.tuned_bytes), tuned, buf.tuned32)
     if piece.first is None or ties is None:
-        return kernels.sum_relative_change(base, tuned), None
-    sample = st.buffers.sample[:-(-base.size // selector.DETECT_STRIDE)]
-    s = kernels.count_keys(base, tuned, kernels.STRATEGY_CODES[selection.strategy], piece.first,
+        return kernels.sum_relative_change(b, t), None
+    sample = buf.sample[:-(-b.size // selector.DETECT_STRIDE)]
+    s = kernels.count_keys(b, t, kernels.STRATEGY_CODES[selection.strategy], piece.first,
                            selector.random_seed_term(selection.seed), ties.target_np,
                            st.table_np, sample)
     return s, torch.from_numpy(sample.copy())
@@ -286,10 +295,13 @@ class _Candidates:
 
 @dataclass
 class _Prepared:
-    """A region piece after a worker's part of pass 2."""
+    """A piece after a worker's part of pass 2: the tuned chunk's raw values (a fresh array,
+    which the write job patches in place) and, in the region, what the variants need."""
 
-    sum_r: float  # for layer groups
-    candidates: _Candidates | None  # for the k's
+    tuned_raw: np.ndarray
+    sum_r: float = 0.0  # for layer groups
+    candidates: _Candidates | None = None  # for the k's
+    base_raw: np.ndarray | None = None  # for layer groups: the whole base chunk
 
 
 def _lowest_key(selecting: list[Variant]) -> int:
@@ -302,101 +314,103 @@ def _lowest_key(selecting: list[Variant]) -> int:
                for v in selecting)
 
 
-def _prepare_piece(pool: _Workers, piece: Piece, bc: torch.Tensor, tc: torch.Tensor,
-                   selection: Selection, low: int | None) -> _Prepared:
+def _prepare_piece(pool: _Workers, piece: Piece, base: RawRange, tuned: RawRange,
+                   selection: Selection, low: int | None, groups: bool) -> _Prepared:
     buf: _Buffers = pool.state()
-    base, tuned = buf.inputs(bc, tc)
+    tuned_bytes = tuned.read()
+    prepared = _Prepared(raw_values(tuned_bytes, tuned))
+    if piece.first is None:
+        return prepared
+    base_bytes = base.read() if groups else base.read(buf.base_bytes)
+    b = buf.values(base_bytes, base, buf.base32)
+    t = buf.values(tuned_bytes, tuned, buf.tuned32)
+    if groups:
+        prepared.base_raw = raw_values(base_bytes, base)
     if low is None:
-        return _Prepared(kernels.sum_relative_change(base, tuned), None)
-    count, total = kernels.find_candidates(
-        base, tuned, kernels.STRATEGY_CODES[selection.strategy], piece.first,
+        prepared.sum_r = kernels.sum_relative_change(b, t)
+        return prepared
+    count, prepared.sum_r = kernels.find_candidates(
+        b, t, kernels.STRATEGY_CODES[selection.strategy], piece.first,
         selector.random_seed_term(selection.seed), low, buf.pos, buf.keys, buf.r)
     pos = buf.pos[:count].copy()  # the buffers serve the next piece while these wait
-    return _Prepared(total, _Candidates(pos, buf.keys[:count].copy(), buf.r[:count].copy(),
-                                        raw_view(bc)[pos]))
+    prepared.candidates = _Candidates(pos, buf.keys[:count].copy(), buf.r[:count].copy(),
+                                      raw_values(base_bytes, base)[pos])
+    return prepared
 
 
 class _WriteQueue:
     """Output writes as jobs on the workers, at most ``limit`` in flight.
 
-    A job assembles one chunk of one variant and writes it; its statistics come back as the
-    job's result and are added in submission order, so they do not depend on the threads.
-    Output chunks are taken from a free list, so at most ``limit`` exist per element size.
+    A job writes one chunk to one or more variants; the statistics of restored chunks come
+    back as the job's result and are added in submission order, so they do not depend on the
+    threads.
     """
 
-    def __init__(self, pool: _Workers, size: int, limit: int):
-        self.pool, self.size, self.limit = pool, size, limit
-        self.pending: deque[tuple[Future, Variant | None, str]] = deque()
-        self._free: dict[np.dtype, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, pool: _Workers, limit: int):
+        self.pool, self.limit = pool, limit
+        self.pending: deque[tuple[Future, list[Variant], str]] = deque()
 
-    def submit(self, stats_of: Variant | None, name: str, fn: Callable, *args) -> None:
+    def submit(self, stats_of: list[Variant], name: str, fn: Callable, *args) -> None:
         while len(self.pending) >= self.limit:
             self._pop()
-        self.pending.append((self.pool.submit(fn, self, *args), stats_of, name))
+        self.pending.append((self.pool.submit(fn, *args), stats_of, name))
 
     def drain(self) -> None:
         while self.pending:
             self._pop()
 
     def _pop(self) -> None:
-        future, variant, name = self.pending.popleft()
+        future, variants, name = self.pending.popleft()
         result = future.result()
-        if variant is not None and result[0]:
-            variant.stats.add(name, *result)
-
-    def take(self, dtype: np.dtype) -> np.ndarray:
-        with self._lock:
-            free = self._free.setdefault(dtype, [])
-            return free.pop() if free else np.empty(self.size, dtype=dtype)
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        with self._lock:
-            self._free[buffer.dtype].append(buffer)
+        for v, (restored, sum_r) in zip(variants, result or (), strict=False):
+            if restored:
+                v.stats.add(name, restored, sum_r)
 
 
-def _write_job(queue: _WriteQueue, v: Variant, piece: Piece, raw: np.ndarray) -> None:
-    v.writer.write_raw(piece.name, piece.start, raw)
+def _write_job(piece: Piece, writes: list[tuple[Variant, np.ndarray]]) -> None:
+    for v, raw in writes:
+        v.writer.write_raw(piece.name, piece.start, raw)
 
 
-def _restored_write_job(queue: _WriteQueue, v: Variant, piece: Piece, tuned_raw: np.ndarray,
-                        cand: _Candidates, chosen: np.ndarray) -> tuple[int, float]:
-    """The tuned chunk with the chosen candidates set back to their base values, written out."""
-    buffer = queue.take(tuned_raw.dtype)
-    try:
-        out = buffer[:tuned_raw.size]
-        np.copyto(out, tuned_raw)
+def _restored_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
+                        picks: list[tuple[Variant, np.ndarray]]) -> list[tuple[int, float]]:
+    """The tuned chunk with each k's chosen candidates set back to base values, written out.
+
+    ``picks`` come in ascending order of selected count, and the selections are nested (each
+    k's selected elements are the first n of one fixed order), so the chunk is patched in
+    place, cumulatively, and written after each k's patches: no copy per k. Elements a k
+    defers (its threshold bin, before the cut is known) are never chosen by a smaller k unless
+    the larger one selects them too, and the later patch writes the same base value.
+    """
+    results = []
+    for v, chosen in picks:
         if chosen.size:
-            out[cand.pos[chosen]] = cand.base_raw[chosen]
-        v.writer.write_raw(piece.name, piece.start, out)
-    finally:
-        queue.give_back(buffer)
-    if not chosen.size:
-        return 0, 0.0
-    return int(chosen.size), float(cand.r[chosen].sum(dtype=np.float64))
+            tuned_raw[cand.pos[chosen]] = cand.base_raw[chosen]
+        v.writer.write_raw(piece.name, piece.start, tuned_raw)
+        results.append((int(chosen.size), float(cand.r[chosen].sum(dtype=np.float64))
+                        if chosen.size else 0.0))
+    return results
 
 
 def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selection,
                    variants: list[Variant], workers: int, size: int, progress: bool) -> None:
     """Pass 2 over ``parts`` (every tensor): each variant's weights, written as they are decided.
 
-    Workers prepare up to ``2 * workers`` pieces ahead (r, keys, candidates); the main thread
-    takes them in order and makes every sequential decision (threshold ties, recording,
-    resolving); the chunks are then assembled and written by jobs on the same workers.
+    Workers read and prepare up to ``2 * workers`` pieces ahead (raw chunks; in the region r,
+    keys and candidates); the main thread takes them in order and makes every sequential
+    decision (threshold ties, recording, resolving); each chunk is then patched and written
+    to every variant by one job on the same workers.
     """
-    selecting = [v for v in variants if v.k is not None]
+    selecting = sorted((v for v in variants if v.k is not None), key=lambda v: v.threshold.n)
     groups = [v for v in variants if v.group is not None]
     pool = _Workers(workers, lambda: _Buffers(size))
-    writes = _WriteQueue(pool, size, limit=4 * pool.workers)
-    ahead: deque[tuple[Piece, torch.Tensor, torch.Tensor, Future | None]] = deque()
+    writes = _WriteQueue(pool, limit=4 * pool.workers)
+    ahead: deque[tuple[Piece, Future]] = deque()
 
     def submit(piece: Piece) -> None:
-        bc, tc = tensors.slices(piece)
-        future = None
-        if piece.first is not None:
-            low = _lowest_key(selecting) if selecting else None
-            future = pool.submit(_prepare_piece, pool, piece, bc, tc, selection, low)
-        ahead.append((piece, bc, tc, future))
+        low = _lowest_key(selecting) if selecting and piece.first is not None else None
+        ahead.append((piece, pool.submit(_prepare_piece, pool, piece, *tensors.ranges(piece),
+                                         selection, low, bool(groups))))
 
     bar = tqdm(total=len(parts), desc="restore pass 2/2", unit="chunk", disable=not progress)
     todo: Iterator[Piece] = iter(parts)
@@ -406,25 +420,25 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
             if len(ahead) >= 2 * pool.workers:
                 break
         while ahead:
-            piece, bc, tc, future = ahead.popleft()
-            tuned_raw = raw_view(tc)
-            if future is None:  # outside the region: the tuned values, in every variant
-                for v in variants:
-                    writes.submit(None, piece.name, _write_job, v, piece, tuned_raw)
+            piece, future = ahead.popleft()
+            prepared: _Prepared = future.result()
+            if piece.first is None:  # outside the region: the tuned values, in every variant
+                writes.submit([], piece.name, _write_job, piece,
+                              [(v, prepared.tuned_raw) for v in variants])
             else:
-                prepared: _Prepared = future.result()
-                for v in groups:
-                    if in_layer_group(piece.name, v.group):
-                        writes.submit(None, piece.name, _write_job, v, piece, raw_view(bc))
-                        v.stats.add(piece.name, piece.stop - piece.start, prepared.sum_r)
-                    else:
-                        writes.submit(None, piece.name, _write_job, v, piece, tuned_raw)
-                if prepared.candidates is not None:
-                    for v in selecting:
-                        chosen = _select_chunk(v, piece, prepared.candidates,
-                                               selection.strategy, writes)
-                        writes.submit(v, piece.name, _restored_write_job, v, piece, tuned_raw,
-                                      prepared.candidates, chosen)
+                if groups:
+                    plan = []
+                    for v in groups:
+                        inside = in_layer_group(piece.name, v.group)
+                        plan.append((v, prepared.base_raw if inside else prepared.tuned_raw))
+                        if inside:
+                            v.stats.add(piece.name, piece.stop - piece.start, prepared.sum_r)
+                    writes.submit([], piece.name, _write_job, piece, plan)
+                if selecting:
+                    picks = [(v, _select_chunk(v, piece, prepared.candidates,
+                                               selection.strategy, writes)) for v in selecting]
+                    writes.submit(selecting, piece.name, _restored_write_job, piece,
+                                  prepared.tuned_raw, prepared.candidates, picks)
             bar.update(1)
             nxt = next(todo, None)
             if nxt is not None:
