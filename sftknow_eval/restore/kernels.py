@@ -195,6 +195,32 @@ def find_candidates(base, tuned, strategy, first, seed_term, low, pos, keys, r_o
     return count, lanes.sum()
 
 
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def choose(keys, cut, ties, out):
+    """Pass 2, one k: indices of the keys above ``cut`` and of the first ``ties`` keys equal to
+    it, in order, into the front of ``out``; returns (how many, how many ties taken)."""
+    count = 0
+    taken = 0
+    for i in range(keys.size):
+        key = keys[i]
+        tie = key == cut
+        take = (key > cut) | (tie & (taken < ties))  # branch-free, as in find_candidates
+        taken += tie & take
+        out[count] = i
+        count += take
+    return count, taken
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def put_back(out, pos, base_raw, r, chosen):
+    """Set ``out[pos[c]] = base_raw[c]`` for each chosen candidate c; returns their summed r."""
+    total = 0.0
+    for c in chosen:
+        out[pos[c]] = base_raw[c]
+        total += r[c]
+    return total
+
+
 def as_kernel_input(values: np.ndarray, is_bfloat16: bool, scratch: np.ndarray) -> np.ndarray:
     """A flat chunk the kernels take: bf16 bits as uint16, float32 as is, others cast into
     ``scratch`` (float32, at least as long) the way torch casts them (round to nearest even)."""

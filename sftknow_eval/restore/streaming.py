@@ -384,11 +384,9 @@ def _restored_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
     """
     results = []
     for v, chosen in picks:
-        if chosen.size:
-            tuned_raw[cand.pos[chosen]] = cand.base_raw[chosen]
+        sum_r = kernels.put_back(tuned_raw, cand.pos, cand.base_raw, cand.r, chosen)
         v.writer.write_raw(piece.name, piece.start, tuned_raw)
-        results.append((int(chosen.size), float(cand.r[chosen].sum(dtype=np.float64))
-                        if chosen.size else 0.0))
+        results.append((int(chosen.size), float(sum_r)))
     return results
 
 
@@ -472,15 +470,19 @@ def _select_chunk(v: Variant, piece: Piece, cand: _Candidates, strategy: str,
                 local = local.astype(np.int32) if local[-1] < 2**31 else local
                 v.candidates.append((piece.name, local, keys[in_bin], cand.r[in_bin],
                                      cand.base_raw[in_bin]))
-            return np.flatnonzero(keys >= th.lo_key_sure)
+            return _choose(keys, th.lo_key_sure - 1, 0)[0]
         writes.drain()
         _resolve(v, keys[in_bin[:v.early_left]], strategy)
-    selected = keys > v.cut
-    if v.ties_left:
-        tied = np.flatnonzero(keys == v.cut)[:v.ties_left]
-        selected[tied] = True
-        v.ties_left -= tied.size
-    return np.flatnonzero(selected)
+    chosen, taken = _choose(keys, v.cut, v.ties_left)
+    v.ties_left -= taken
+    return chosen
+
+
+def _choose(keys: np.ndarray, cut: int, ties: int) -> tuple[np.ndarray, int]:
+    """Indices of keys above ``cut`` plus the first ``ties`` equal to it; ties taken."""
+    out = np.empty(keys.size, dtype=np.int64)
+    count, taken = kernels.choose(keys, cut, ties, out)
+    return out[:count], int(taken)
 
 
 def _resolve(v: Variant, early_here: np.ndarray, strategy: str) -> None:
