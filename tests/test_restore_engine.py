@@ -203,8 +203,8 @@ def test_outputs_do_not_depend_on_worker_threads(tmp_path, case):
 
 def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
     """mark_near: the bins around each target's expected rank get exact per-key counts from
-    then on, the elements seen so far become their early (recorded) part, and the finished
-    histogram still counts every element."""
+    the round after next on, the elements counted before that become their early (recorded)
+    part, and the finished histogram still counts every element."""
     total = 1 << 16
     # base 1 and tuned 1 + m / 2**23 (exact in float32): r = m / 2**23, and the keys (r's bits)
     # spread over 4096 bins, 16 elements each
@@ -214,30 +214,37 @@ def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
     keys = selector.score_keys(selector.relative_change(base, tuned), "top", 0, 0)
     bins = keys >> selector.BIN_SHIFT
     assert torch.unique(bins).numel() == 4096
-    seen = total // 64
     n = total // 10  # the top 10%
     ties = selector.TieCounts(total, heavy=total, targets=[n])
     table = ties.new_table()
 
-    def count(start: int, stop: int) -> None:
+    def count(start: int, stop: int, round_index: int) -> None:
         sample = np.empty(-(-(stop - start) // selector.DETECT_STRIDE), dtype=np.int64)
         kernels.count_keys(base.numpy()[start:stop], tuned.numpy()[start:stop], 0, start, 0,
-                           ties.target_np, table.numpy(), sample)
+                           ties.target_for(round_index), table, sample)
 
-    count(0, seen)
-    ties.mark_near([table], seen)
+    # rounds 0 and 1 count the first 1/64 and the next 1/64; marks decided after round 0 go
+    # into round 2's map, so the split falls after round 1
+    seen, split = total // 64, total // 32
+    count(0, seen, 0)
+    ties.mark_near([table])
+    marked = set(ties.slot_of)
+    ties.apply(0)
+    count(seen, split, 1)  # odd map: still unmarked
+    ties.apply(1)
+    count(split, total, 2)
+    hist = ties.finish([table])
     order = torch.sort(keys[:seen], descending=True).values
     expected_bin = int(order[round(n * seen / total) - 1]) >> selector.BIN_SHIFT
-    assert expected_bin in ties.early
-    assert len(ties.early) <= 2 * selector.NEAR_BINS + 1
-    assert all(ties.early[b] == int((bins[:seen] == b).sum()) for b in ties.early)
-    count(seen, total)
-    hist = ties.finish([table])
+    assert expected_bin in marked
+    assert len(marked) <= 2 * selector.NEAR_BINS + 1
+    assert set(ties.early) == marked
+    assert all(ties.early[b] == int((bins[:split] == b).sum()) for b in marked)
     assert torch.equal(hist, torch.bincount(bins, minlength=selector.NUM_BINS).double())
     in_bin = bins == expected_bin
     early, fine = ties.of_bin(expected_bin, int(in_bin.sum()))
-    assert early == int(in_bin[:seen].sum())
-    later = keys[seen:][in_bin[seen:]] & (selector.FINE - 1)
+    assert early == int(in_bin[:split].sum())
+    later = keys[split:][in_bin[split:]] & (selector.FINE - 1)
     assert np.array_equal(fine, np.bincount(later.numpy(), minlength=selector.FINE))
-    unmarked = next(b for b in torch.unique(bins).tolist() if b not in ties.early)
+    unmarked = next(b for b in torch.unique(bins).tolist() if b not in marked)
     assert ties.of_bin(unmarked, 5) == (5, pytest.approx(np.zeros(selector.FINE)))

@@ -59,13 +59,12 @@ def test_count_keys_fills_histogram_and_marked_slots(strategy):
     bins = keys >> selector.BIN_SHIFT
     ties = selector.TieCounts(keys.size, heavy=1 << 30, targets=[100])
     marked = np.unique(bins[::101])[:5]
-    for slot, b in enumerate(marked.tolist()):
-        ties.slot_of[b] = slot
-        ties.target[b] = selector.NUM_BINS + slot * selector.FINE
-    table = ties.new_table().numpy()
+    ties.mark_bins(marked)
+    ties.apply(0)
+    table = ties.new_table()
     sample = np.full(-(-keys.size // selector.DETECT_STRIDE), -1, np.int64)
     total = kernels.count_keys(_inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy],
-                               0, selector.random_seed_term(1), ties.target.numpy(), table,
+                               0, selector.random_seed_term(1), ties.target_for(0), table,
                                sample)
     assert total == pytest.approx(float(r.double().sum()), rel=1e-12)
     np.testing.assert_array_equal(sample, bins[::selector.DETECT_STRIDE])
@@ -79,6 +78,7 @@ def test_count_keys_fills_histogram_and_marked_slots(strategy):
         np.testing.assert_array_equal(slots[slot], np.bincount(low, minlength=selector.FINE))
     assert slots[len(marked):].sum() == 0
     assert table.sum() == keys.size and is_marked.any()
+    assert np.array_equal(ties.target_for(1), np.arange(selector.NUM_BINS))  # not applied there
 
 
 @pytest.mark.parametrize("strategy", ["top", "bottom"])

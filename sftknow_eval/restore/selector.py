@@ -164,110 +164,139 @@ def fine_cut(counts: np.ndarray, take: int) -> tuple[int, int]:
 class TieCounts:
     """The key histogram plus exact per-key counts of chosen bins, gathered in pass 1.
 
-    A bin is *marked* (given a slot of FINE exact-key counts) when
+    Pass 1 runs in *rounds* of a few chunks. A bin is *marked* (given a slot of FINE
+    exact-key counts) after a round when
 
-    * it becomes heavy: the histogram shows ``heavy`` elements in it (checked between batches
-      of chunks, on every DETECT_STRIDE-th element of the batch), or
+    * it has become heavy: the histogram shows ``heavy`` elements in it (checked on every
+      DETECT_STRIDE-th element of the round), or
     * it lies near where a requested count's threshold is expected: at each checkpoint (a
       fraction CHECKPOINTS of the region seen), the bins within NEAR_BINS of the bin holding
-      the rank ``n * seen / total`` (:meth:`mark_near`).
+      the rank ``n * counted / total`` (:meth:`mark_near`).
 
-    From the next batch on, its elements are counted per exact key instead of in the
-    histogram. ``early[bin]`` is the histogram count when it was marked: the elements that
-    pass 2 must record as candidates before the bin's exact key counts are complete. The
-    earlier a threshold bin is marked, the sooner pass 2 knows the exact threshold (and the
-    fewer elements it records and patches); a threshold bin never marked is recorded whole,
-    which is slower but just as exact. At most ``total // heavy`` bins become heavy and
-    CHECKPOINTS x targets x (2 NEAR_BINS + 1) are marked near, so the tables have a fixed size.
+    A bin marked after round r is counted per exact key from round r + 2 on and in the
+    histogram before, so its histogram entry ends up holding exactly its elements of the
+    rounds before the split: ``early[bin]``, set by :meth:`finish`, the elements that pass 2
+    must record as candidates before the bin's exact key counts are complete. The earlier a
+    threshold bin is marked, the sooner pass 2 knows the exact threshold (and the fewer
+    elements it records and patches); a threshold bin never marked is recorded whole, which is
+    slower but just as exact. At most ``total // heavy`` bins become heavy and CHECKPOINTS x
+    targets x (2 NEAR_BINS + 1) are marked near, so the tables have a fixed size.
 
     Layout, so that counting an element is one lookup and one increment
     (``kernels.count_keys``): each worker owns one float64 table (:meth:`new_table`), the
-    histogram in its first NUM_BINS entries and then FINE counts per slot; the shared ``target``
-    map sends bin ``b`` to entry ``b`` while unmarked and to its slot's first entry once marked,
-    where the key's low bits are added. Marking happens only while no worker is counting.
+    histogram in its first NUM_BINS entries and then FINE counts per slot; a target map sends
+    bin ``b`` to entry ``b`` while unmarked and to its slot's first entry once marked, where the
+    key's low bits are added. There are two maps, for even and odd rounds: while the workers
+    count round r + 1 with one, the marks decided after round r go into the other
+    (:meth:`apply`), which round r + 2 then uses, so no worker ever waits for the marking and
+    no map is written while read. The marking itself reads the tables while a round runs;
+    what it reads only steers which bins are marked, never a count.
     """
 
     def __init__(self, total: int, heavy: int | None = None, targets: list[int] | None = None):
         self.heavy = max(1, heavy if heavy else max(1 << 18, total >> 14))
         self.total = total
         self.targets = list(targets or [])
-        # numpy allocates both tables (and shares them with torch): it asks for transparent huge
-        # pages on large arrays, and the counting loop reads and writes them at random, where
-        # 4 KiB pages cost a TLB miss per element (pass 1 took 20% longer on torch's memory)
-        self.target_np = np.arange(NUM_BINS, dtype=np.int32)  # int32: < 2**31 entries
-        self.target = torch.from_numpy(self.target_np)
+        # numpy allocates the maps and tables: it asks for transparent huge pages on large
+        # arrays, and the counting loop reads and writes them at random, where 4 KiB pages cost
+        # a TLB miss per element (pass 1 took 20% longer on torch's memory)
+        self.maps = (np.arange(NUM_BINS, dtype=np.int32), np.arange(NUM_BINS, dtype=np.int32))
         self.slots = (total // self.heavy + 1
                       + len(CHECKPOINTS) * len(self.targets) * (2 * NEAR_BINS + 1))
         if NUM_BINS + self.slots * FINE >= 2**31:
             raise UserError(f"region of {total} elements: too large for the count tables")
         self.early: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
+        self._marked = np.zeros(NUM_BINS, dtype=bool)
+        self._order: list[int] = []  # marked bins, in slot order
+        self._applied = [0, 0]  # how many of them each map has
         self.hist: torch.Tensor | None = None  # after finish: the whole histogram
-        self.counts: torch.Tensor | None = None  # after finish: slots x FINE exact counts
+        self.counts: np.ndarray | None = None  # after finish: slots x FINE exact counts
 
-    def new_table(self) -> torch.Tensor:
-        return torch.from_numpy(np.zeros(NUM_BINS + self.slots * FINE, dtype=np.float64))
+    def new_table(self) -> np.ndarray:
+        return np.zeros(NUM_BINS + self.slots * FINE, dtype=np.float64)
 
-    def _histogram(self, tables: list[torch.Tensor]) -> np.ndarray:
+    def target_for(self, round_index: int) -> np.ndarray:
+        """The target map that round ``round_index`` counts with."""
+        return self.maps[round_index % 2]
+
+    def apply(self, round_index: int) -> None:
+        """Put every mark so far into the map of ``round_index``'s parity; that round must be
+        finished and the next round of the same parity not yet started."""
+        which = round_index % 2
+        new = np.asarray(self._order[self._applied[which]:], dtype=np.int64)
+        if new.size:
+            slots = np.fromiter((self.slot_of[b] for b in new.tolist()), np.int64, new.size)
+            self.maps[which][new] = NUM_BINS + slots * FINE
+        self._applied[which] = len(self._order)
+
+    def _histogram(self, tables: list[np.ndarray]) -> np.ndarray:
         """The histogram so far, summed over the workers, marked bins included (a copy)."""
-        hist = tables[0][:NUM_BINS].numpy().copy()
+        hist = tables[0][:NUM_BINS].copy()
         for table in tables[1:]:
-            hist += table[:NUM_BINS].numpy()
-        marked = self._marked_bins()
+            hist += table[:NUM_BINS]
+        marked = np.asarray(self._order, dtype=np.int64)
         for table in tables:  # slots are numbered in marking order: 0 .. len(marked) - 1
-            hist[marked] += table[NUM_BINS:].view(self.slots, FINE)[:marked.size].sum(1).numpy()
+            hist[marked] += table[NUM_BINS:].reshape(self.slots, FINE)[:marked.size].sum(1)
         return hist
 
-    def _marked_bins(self) -> np.ndarray:
-        return np.fromiter(self.slot_of, dtype=np.int64, count=len(self.slot_of))
-
-    def mark_heavy(self, tables: list[torch.Tensor], sample: torch.Tensor) -> None:
+    def mark_heavy(self, tables: list[np.ndarray], sample: np.ndarray) -> None:
         """Mark the sampled unmarked bins whose count (summed over the workers) is heavy."""
-        unmarked = sample[self.target[sample] < NUM_BINS]
-        if not unmarked.numel():
+        unmarked = sample[~self._marked[sample]]
+        if not unmarked.size:
             return
         seen = tables[0][unmarked]
         for table in tables[1:]:
             seen += table[unmarked]
         hot = unmarked[seen >= self.heavy]
-        if hot.numel():
-            self._mark(tables, torch.unique(hot))
+        if hot.size:
+            self.mark_bins(np.unique(hot))
 
-    def mark_near(self, tables: list[torch.Tensor], seen: int) -> None:
-        """Mark the bins near each target's expected threshold, ``seen`` region elements in."""
-        if not self.targets or seen <= 0:
+    def mark_near(self, tables: list[np.ndarray]) -> None:
+        """Mark the bins near each target's expected threshold in the histogram so far.
+
+        The expected rank of target n is ``n * counted / total``, with ``counted`` what the
+        tables hold now: a round still running adds to them while they are read.
+        """
+        if not self.targets:
             return
         hist = self._histogram(tables)
         filled = np.flatnonzero(hist)[::-1]  # non-empty bins, largest key first
+        if not filled.size:
+            return
         from_top = np.cumsum(hist[filled])  # exact below 2**53
+        counted = int(from_top[-1])
         near = []
         for n in self.targets:
-            rank = max(1.0, float(Fraction(n) * seen / self.total))
-            if not filled.size or rank > from_top[-1]:
+            rank = max(1.0, float(Fraction(n) * counted / self.total))
+            if rank > counted:
                 continue
             b = int(filled[np.searchsorted(from_top, rank, side="left")])
-            near.append(torch.arange(max(0, b - NEAR_BINS), min(NUM_BINS, b + NEAR_BINS + 1)))
+            near.append(np.arange(max(0, b - NEAR_BINS), min(NUM_BINS, b + NEAR_BINS + 1)))
         if near:
-            bins = torch.unique(torch.cat(near))
-            self._mark(tables, bins[self.target[bins] < NUM_BINS])
+            bins = np.unique(np.concatenate(near))
+            self.mark_bins(bins[~self._marked[bins]])
 
-    def _mark(self, tables: list[torch.Tensor], bins: torch.Tensor) -> None:
+    def mark_bins(self, bins: np.ndarray) -> None:
+        """Give each (unmarked) bin a count slot; it takes effect through :meth:`apply`."""
         for b in bins.tolist():
-            slot = len(self.slot_of)
+            slot = len(self._order)
             if slot >= self.slots:  # cannot happen (see the class docstring)
                 raise AssertionError("more marked bins than count slots")
             self.slot_of[b] = slot
-            self.target[b] = NUM_BINS + slot * FINE
-            self.early[b] = sum(int(table[b]) for table in tables)
+            self._order.append(b)
+        self._marked[bins] = True
 
-    def finish(self, tables: list[torch.Tensor]) -> torch.Tensor:
+    def finish(self, tables: list[np.ndarray]) -> torch.Tensor:
         """Sum the workers' tables (after pass 1); returns the whole histogram."""
         total = tables[0]
         for table in tables[1:]:
             total += table
-        self.hist, self.counts = total[:NUM_BINS], total[NUM_BINS:].view(self.slots, FINE)
-        marked = torch.from_numpy(self._marked_bins())
-        self.hist[marked] += self.counts[:marked.numel()].sum(1)
+        hist, self.counts = total[:NUM_BINS], total[NUM_BINS:].reshape(self.slots, FINE)
+        marked = np.asarray(self._order, dtype=np.int64)
+        self.early = dict(zip(self._order, hist[marked].astype(np.int64).tolist(), strict=True))
+        hist[marked] += self.counts[:marked.size].sum(1)
+        self.hist = torch.from_numpy(hist)
         return self.hist
 
     def of_bin(self, b: int, bin_total: int) -> tuple[int, np.ndarray]:
@@ -275,7 +304,7 @@ class TieCounts:
         slot = self.slot_of.get(b)
         if slot is None:
             return bin_total, np.zeros(FINE, dtype=np.float64)
-        return self.early[b], self.counts[slot].numpy().copy()
+        return self.early[b], self.counts[slot].copy()
 
 
 def key_to_r(key: int, strategy: str) -> float | None:

@@ -211,13 +211,20 @@ class _ScanState:
     def __init__(self, size: int, ties: selector.TieCounts | None):
         self.buffers = _Buffers(size)
         self.table = ties.new_table() if ties is not None else None
-        self.table_np = self.table.numpy() if self.table is not None else None
+
+
+ROUND_PIECES = 4  # pieces per round of pass 1 (marks are decided between rounds)
 
 
 def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targets: list[int],
          workers: int, size: int, heavy: int | None, progress: bool) -> ScanResult:
-    """Pass 1 over ``parts`` (every floating-point tensor), in batches of ``workers`` pieces.
+    """Pass 1 over ``parts`` (every floating-point tensor), in rounds of ROUND_PIECES pieces.
 
+    Two rounds are in flight: while the workers count round r + 1, the main thread takes
+    round r's results, marks heavy bins for round r + 2 (see ``selector.TieCounts``) and
+    submits it. At a checkpoint it lets round r + 1 finish too, so that the bins near the
+    expected thresholds are chosen from an exact histogram (at a round edge: the same marks
+    however the rounds were timed); the workers wait only at those six points.
     ``targets``: how many elements each k selects (empty for layer groups only: then no
     histogram is kept).
     """
@@ -227,32 +234,55 @@ def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targ
     changed_outside = False
     seen = 0  # region elements scanned
     checkpoints = [round(f * selection.total) for f in selector.CHECKPOINTS]
+    rounds = [parts[i:i + ROUND_PIECES] for i in range(0, len(parts), ROUND_PIECES)]
+    in_flight: deque[list[tuple[Piece, Future]]] = deque()
     bar = tqdm(total=len(parts), desc="restore pass 1/2", unit="chunk", disable=not progress)
+
+    def submit(index: int) -> None:
+        target = ties.target_for(index) if ties is not None else None
+        in_flight.append([(p, pool.submit(_scan_piece, pool, ties, target, p,
+                                          *tensors.ranges(p), selection))
+                          for p in rounds[index]])
+
+    def take() -> None:
+        """The next round's results; heavy bins among its samples are marked."""
+        nonlocal changed_outside, seen
+        samples = []
+        for p, future in in_flight.popleft():
+            s, sample = future.result()
+            if not np.isfinite(s):
+                raise _nonfinite_error(p.name, *tensors.whole(p.name))
+            if p.first is None:
+                changed_outside = changed_outside or s > 0
+            else:
+                sum_r[p.name] += s  # pieces in order: sums do not depend on the workers
+                seen += p.stop - p.start
+            if sample is not None:
+                samples.append(sample)
+            bar.update(1)
+        if ties is not None and samples:
+            ties.mark_heavy([st.table for st in list(pool.states)], np.concatenate(samples))
+
     try:
-        for i in range(0, len(parts), pool.workers):
-            batch = parts[i:i + pool.workers]
-            futures = [pool.submit(_scan_piece, pool, ties, p, *tensors.ranges(p), selection)
-                       for p in batch]
-            samples = []
-            for p, future in zip(batch, futures, strict=True):
-                s, sample = future.result()
-                if not np.isfinite(s):
-                    raise _nonfinite_error(p.name, *tensors.whole(p.name))
-                if p.first is None:
-                    changed_outside = changed_outside or s > 0
-                else:
-                    sum_r[p.name] += s  # pieces in order: sums do not depend on the workers
-                    seen += p.stop - p.start
-                if sample is not None:
-                    samples.append(sample)
-            if ties is not None and samples:
-                tables = [st.table for st in pool.states]
-                ties.mark_heavy(tables, torch.cat(samples))
+        submitted = 0
+        index = 0
+        while index < len(rounds):
+            while submitted < min(index + 2, len(rounds)):
+                submit(submitted)
+                submitted += 1
+            take()
+            if ties is not None:
                 if checkpoints and seen >= checkpoints[0]:
+                    if in_flight:  # let the next round finish: an exact histogram, no race
+                        ties.apply(index)
+                        index += 1
+                        take()
                     while checkpoints and seen >= checkpoints[0]:
                         checkpoints.pop(0)
-                    ties.mark_near(tables, seen)
-            bar.update(len(batch))
+                    ties.mark_near([st.table for st in pool.states])
+                    ties.apply(index + 1)  # nothing in flight: both maps
+                ties.apply(index)  # round index is done; index + 2 counts with this map
+            index += 1
     finally:
         bar.close()
         pool.close()
@@ -260,8 +290,9 @@ def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targ
     return ScanResult(sum_r, changed_outside, hist, ties)
 
 
-def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, piece: Piece, base: RawRange,
-                tuned: RawRange, selection: Selection) -> tuple[float, torch.Tensor | None]:
+def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, target: np.ndarray | None,
+                piece: Piece, base: RawRange, tuned: RawRange,
+                selection: Selection) -> tuple[float, np.ndarray | None]:
     """One piece of pass 1 on a worker: summed r, and (in the region) its counts."""
     st: _ScanState = pool.state()
     buf = st.buffers
@@ -271,9 +302,9 @@ def _scan_piece(pool: _Workers, ties: selector.TieCounts | None, piece: Piece, b
         return kernels.sum_relative_change(b, t), None
     sample = buf.sample[:-(-b.size // selector.DETECT_STRIDE)]
     s = kernels.count_keys(b, t, kernels.STRATEGY_CODES[selection.strategy], piece.first,
-                           selector.random_seed_term(selection.seed), ties.target_np,
-                           st.table_np, sample)
-    return s, torch.from_numpy(sample.copy())
+                           selector.random_seed_term(selection.seed), target, st.table,
+                           sample)
+    return s, sample.copy()
 
 
 # ------------------------------------------------------------------------------------- pass 2
