@@ -42,7 +42,7 @@ class _Tensors:
         self.base = Checkpoint.open(self.base_model.path)
         self.tuned = Checkpoint.open(self.tuned_model.path)
         preflight(self.base, self.tuned)
-        floats = {n for n, info in self.tuned.tensors.items() if info.dtype.is_floating_point}
+        floats = {n for n, info in self.tuned.tensors.items() if info.is_float}
         self.names = select_region(self.tuned.tensors, region, floats)
         if not self.names:
             raise UserError(f"region {region!r} holds no tensors of {tuned}")

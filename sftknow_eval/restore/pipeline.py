@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import selector
@@ -153,16 +152,11 @@ def _check_disk(out: Path, need: int) -> None:
 def restore(cfg: RestoreConfig) -> RestoreResult:
     """Run a restoration end to end (see the module docstring); returns where the variants went.
 
-    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2), each with
-    torch single-threaded (see ``streaming``); the calling thread's torch setting is restored.
+    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2; see
+    ``streaming``). Restore never imports torch for safetensors checkpoints.
     """
     _tune_malloc()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _restore(cfg)
-    finally:
-        torch.set_num_threads(previous)
+    return _restore(cfg)
 
 
 def _tune_malloc() -> None:
@@ -209,7 +203,7 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
     tuned = Checkpoint.open(tuned_model.path, allow_pickle=cfg.allow_pickle)
     preflight(base, tuned)
 
-    floats = {n for n, i in tuned.tensors.items() if i.dtype.is_floating_point}
+    floats = {n for n, i in tuned.tensors.items() if i.is_float}
     region = select_region(tuned.tensors, cfg.region, floats)
     if not region:
         raise UserError(f"--region {cfg.region!r} matches no floating-point tensor of {cfg.tuned}")

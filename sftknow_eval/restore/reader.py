@@ -20,12 +20,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from sftknow_eval.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class TensorInfo:
     safetensors, the absolute byte offset of its data in that file."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors dtype name: BF16, F16, F32, F64, I64, ...
     shape: tuple[int, ...]
     file: str
     offset: int | None = None
@@ -63,7 +66,11 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return self.dtype.itemsize
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +97,7 @@ class RawRange:
         """The bytes as uint8, in the front of ``out`` when given, else in a new array."""
         data = np.empty(self.nbytes, dtype=np.uint8) if out is None else out[:self.nbytes]
         if self.tensor is not None:
-            np.copyto(data, self.tensor.reshape(-1).view(torch.uint8).numpy())
+            np.copyto(data, self.tensor.reshape(-1).numpy().view(np.uint8))
             return data
         view, offset = memoryview(data), self.offset
         while view:
@@ -188,13 +195,14 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, dict[str, str] | None] = {}
         for file in files:
-            with safe_open(folder / file, framework="pt") as handle:  # validates the header
+            # framework "numpy": listing needs no torch (restore itself never imports it)
+            with safe_open(folder / file, framework="numpy") as handle:  # validates the header
                 offsets = _data_offsets(folder / file)
                 metadata[file] = handle.metadata()
                 for name in handle.keys():
                     sl = handle.get_slice(name)
-                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    if dtype is None:
+                    dtype = sl.get_dtype()
+                    if dtype not in DTYPE_SIZES:
                         raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
                                         f"{sl.get_dtype()}")
                     if name in tensors:
@@ -205,12 +213,18 @@ class Checkpoint:
 
     @classmethod
     def _from_pickle(cls, folder: Path, files: list[str]) -> Checkpoint:
+        import torch  # only pickle checkpoints need torch to be read
+
         log.warning("%s: reading pickle checkpoints (--allow-pickle)", folder)
+        names = {v: k for k, v in _torch_dtypes().items()}
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             state = torch.load(folder / file, map_location="cpu", mmap=True, weights_only=True)
             for name, value in state.items():
-                tensors[name] = TensorInfo(name, value.dtype, tuple(value.shape), file)
+                if value.dtype not in names:
+                    raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
+                                    f"{value.dtype}")
+                tensors[name] = TensorInfo(name, names[value.dtype], tuple(value.shape), file)
             del state
         out_files = [re.sub(r"\.bin$", ".safetensors", f) for f in files]
         return cls(folder, files, tensors, {f: {"format": "pt"} for f in out_files}, None,
@@ -225,7 +239,10 @@ class Checkpoint:
         return layout
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The named tensor as a memory-mapped view (its shard stays open until the next one)."""
+        """The named tensor as a memory-mapped torch view (its shard stays open until the next
+        one). Imports torch: the restore passes use :meth:`raw_range` instead."""
+        import torch
+
         info = self.tensors[name]
         if self._open_file != info.file:
             self.close()
@@ -245,15 +262,19 @@ class Checkpoint:
         Shard files stay open for positional reads until :meth:`close`.
         """
         info = self.tensors[name]
-        kind = SAFETENSORS_DTYPE_NAMES[info.dtype]
         size = info.itemsize
         if info.offset is None:  # pickle: no byte offsets; a slice of the mapped tensor
+            import torch
+
             flat = self.tensor(name).reshape(-1)[start:stop]
-            return RawRange(kind, size, (stop - start) * size, tensor=flat)
+            unsigned = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+            flat = flat if flat.dtype == unsigned else flat.view(unsigned)  # numpy has no bf16
+            return RawRange(info.dtype, size, (stop - start) * size, tensor=flat)
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(self.folder / info.file, os.O_RDONLY)
-        return RawRange(kind, size, (stop - start) * size, fd=fd, offset=info.offset + start * size)
+        return RawRange(info.dtype, size, (stop - start) * size, fd=fd,
+                        offset=info.offset + start * size)
 
     def close(self) -> None:
         """Drop the open shard (and with it the mapped pages) and the files open for reads."""
@@ -289,9 +310,17 @@ def _data_offsets(path: Path) -> dict[str, int]:
             if name != "__metadata__"}
 
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+DTYPE_SIZES: dict[str, int] = {
+    "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1,
 }
-SAFETENSORS_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype (imports torch)."""
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}

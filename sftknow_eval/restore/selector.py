@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sftknow_eval.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 EPS = 1e-8
 INF_BITS = 0x7F800000  # float32 +inf; every finite non-negative r has smaller bits
@@ -67,8 +70,12 @@ def relative_change(base: torch.Tensor, tuned: torch.Tensor, out: torch.Tensor |
                     scratch: torch.Tensor | None = None) -> torch.Tensor:
     """r = |tuned - base| / (|base| + 1e-8) in float32; ``out``/``scratch`` are reusable buffers.
 
-    Reusing buffers matters: fresh large allocations page-fault and cost more than the maths.
+    The definition the compiled loops (``kernels``) reproduce bit for bit; also the tests'
+    reference. Reusing buffers matters: fresh allocations page-fault and cost more than the
+    maths.
     """
+    import torch
+
     n = base.numel()
     out = torch.empty(n, dtype=torch.float32) if out is None else out[:n]
     scratch = torch.empty(n, dtype=torch.float32) if scratch is None else scratch[:n]
@@ -90,6 +97,8 @@ def random_keys(start: int, n: int, seed: int, out: torch.Tensor | None = None) 
     A counter-based hash (no generator state), so the draw does not depend on how the
     checkpoint is sharded or in which order tensors are read.
     """
+    import torch
+
     x = torch.arange(start, start + n, dtype=torch.int64, out=None if out is None else out[:n])
     high = x >> 32
     x.bitwise_and_(_MASK32)
@@ -107,6 +116,8 @@ def score_keys(r: torch.Tensor, strategy: str, start: int, seed: int,
 
     For ``top`` this is a view of r's bits (no copy); ``out`` is an int32 buffer otherwise.
     """
+    import torch
+
     n = r.numel()
     bits = r.reshape(-1).view(torch.int32)
     if strategy == "top":
@@ -137,15 +148,15 @@ class Threshold:
         return (self.bin + 1) << BIN_SHIFT
 
 
-def threshold_bins(hist: torch.Tensor, counts: list[int]) -> list[Threshold]:
+def threshold_bins(hist: np.ndarray, counts: list[int]) -> list[Threshold]:
     """For each n, the bin holding the n-th largest key and the count in higher bins."""
-    from_top = torch.flip(hist, (0,)).to(torch.float64).cumsum(0)  # exact below 2**53
+    from_top = np.cumsum(np.asarray(hist, dtype=np.float64)[::-1])  # exact below 2**53
     out = []
     for n in counts:
         if n <= 0:
             raise ValueError("n must be positive")
-        pos = int(torch.searchsorted(from_top, torch.tensor([float(n)], dtype=torch.float64)))
-        b = hist.numel() - 1 - pos
+        pos = int(np.searchsorted(from_top, float(n), side="left"))
+        b = len(hist) - 1 - pos
         above = int(from_top[pos - 1]) if pos > 0 else 0
         out.append(Threshold(n=n, bin=b, above=above))
     return out
@@ -210,7 +221,7 @@ class TieCounts:
         self._marked = np.zeros(NUM_BINS, dtype=bool)
         self._order: list[int] = []  # marked bins, in slot order
         self._applied = [0, 0]  # how many of them each map has
-        self.hist: torch.Tensor | None = None  # after finish: the whole histogram
+        self.hist: np.ndarray | None = None  # after finish: the whole histogram
         self.counts: np.ndarray | None = None  # after finish: slots x FINE exact counts
 
     def new_table(self) -> np.ndarray:
@@ -287,7 +298,7 @@ class TieCounts:
             self._order.append(b)
         self._marked[bins] = True
 
-    def finish(self, tables: list[np.ndarray]) -> torch.Tensor:
+    def finish(self, tables: list[np.ndarray]) -> np.ndarray:
         """Sum the workers' tables (after pass 1); returns the whole histogram."""
         total = tables[0]
         for table in tables[1:]:
@@ -296,8 +307,8 @@ class TieCounts:
         marked = np.asarray(self._order, dtype=np.int64)
         self.early = dict(zip(self._order, hist[marked].astype(np.int64).tolist(), strict=True))
         hist[marked] += self.counts[:marked.size].sum(1)
-        self.hist = torch.from_numpy(hist)
-        return self.hist
+        self.hist = hist
+        return hist
 
     def of_bin(self, b: int, bin_total: int) -> tuple[int, np.ndarray]:
         """(early count, exact-key counts of the later elements) for bin ``b``."""
@@ -326,6 +337,8 @@ def keys_to_r(keys: np.ndarray, strategy: str) -> np.ndarray:
 
 def reference_selection(r: torch.Tensor, n: int, strategy: str, seed: int = 0) -> torch.Tensor:
     """Brute-force reference on a whole flat r (global order): a bool mask of the n selected."""
+    import torch
+
     keys = score_keys(r.reshape(-1).float().clone(), strategy, 0, seed).numpy().astype(np.int64)
     idx = np.arange(keys.size)
     order = np.lexsort((idx, -keys))[:n]

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from sftknow_eval.errors import UserError
@@ -43,6 +43,9 @@ from sftknow_eval.restore.reader import Checkpoint, RawRange
 from sftknow_eval.restore.regions import in_layer_group
 from sftknow_eval.restore.stats import VariantStats
 from sftknow_eval.restore.writer import ShardedWriter
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -93,7 +96,7 @@ def pieces(checkpoint: Checkpoint, order: list[str], selection: Selection, size:
     out = []
     for name in order:
         info = checkpoint.tensors[name]
-        if floats_only and not info.dtype.is_floating_point:
+        if floats_only and not info.is_float:
             continue
         first = selection.starts.get(name) if name in selection.region else None
         for a in range(0, info.numel, size):
@@ -146,7 +149,6 @@ class _Workers:
     def state(self):
         state = getattr(self._local, "state", None)
         if state is None:
-            torch.set_num_threads(1)  # per thread (OpenMP's setting is thread-local)
             state = self._local.state = self._make_state()
             with self._lock:
                 self.states.append(state)
@@ -187,6 +189,8 @@ class CheckpointPair:
 
 
 def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> UserError:
+    import torch  # the error path only
+
     which = [label for label, t in (("base", base), ("fine-tuned", tuned))
              if not bool(torch.isfinite(t.float()).all())]
     where = " and ".join(which) if which else "neither (the difference overflows float32)"
@@ -203,7 +207,7 @@ class ScanResult:
 
     sum_r: dict[str, float]
     changed_outside: bool
-    hist: torch.Tensor | None
+    hist: np.ndarray | None
     ties: selector.TieCounts | None
 
 

@@ -22,12 +22,15 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from sftknow_eval.restore.reader import SAFETENSORS_DTYPE_NAMES, SAFETENSORS_INDEX, TensorInfo
+from sftknow_eval.restore.reader import SAFETENSORS_INDEX, TensorInfo
 from sftknow_eval.write_behind import WriteBehind
+
+if TYPE_CHECKING:
+    import torch
 
 TEMP_PREFIX = ".tmp-restore-"
 #: Files copied from the tuned model beside the weights (config, tokenizer, generation config).
@@ -40,6 +43,8 @@ _RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def raw_view(tensor: torch.Tensor) -> np.ndarray:
     """A tensor's bytes as an unsigned-int numpy view of the same itemsize (bf16 included)."""
+    import torch
+
     itemsize = tensor.element_size()
     unsigned = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
     flat = tensor.reshape(-1)
@@ -66,7 +71,7 @@ class ShardedWriter:
             offset = 0
             for name in names:
                 info = infos[name]
-                header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[info.dtype],
+                header[name] = {"dtype": info.dtype,
                                 "shape": list(info.shape),
                                 "data_offsets": [offset, offset + info.nbytes]}
                 offset += info.nbytes
@@ -85,7 +90,7 @@ class ShardedWriter:
 
     def write_raw(self, name: str, first_element: int, data: np.ndarray) -> None:
         """Write a contiguous run of the tensor's flat elements starting at ``first_element``,
-        given as their raw bits (see :func:`raw_view`)."""
+        given as their raw bits (unsigned ints of the tensor's itemsize)."""
         file, base = self._where[name]
         start = offset = base + first_element * data.itemsize
         view = memoryview(data).cast("B")
