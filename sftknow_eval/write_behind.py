@@ -39,16 +39,17 @@ class WriteBehind:
     Written by hand: no library streams writes this way (it is what ``dd oflag=nocache`` does).
     Without it, writing several model-sized files fills memory with dirty pages; then each
     write waits on the kernel's throttling and the inputs are pushed out of the cache. Linux
-    only; elsewhere, or on a file system without sync_file_range, it does nothing. With
-    ``drop`` off, ranges are only queued (a file about to be patched keeps its pages cached);
-    once it is turned on, each write drops at most two queued ranges, so the backlog drains
-    without a stall.
+    only; elsewhere, or on a file system without sync_file_range, it does nothing.
+
+    The default lag is small on purpose: the pages a write copies into are then ones dropped
+    moments before, still in the CPU caches. Writing five 2 GB outputs at once (restore with
+    five k's) took 4.7 s with a 16 MB lag against 5.8 s with 64 MB, and 30% less system time
+    (benchmarks/restore).
     """
 
-    def __init__(self, fd: int, lag: int = 64 << 20, drop: bool = True):
+    def __init__(self, fd: int, lag: int = 16 << 20):
         self.fd = fd
         self.lag = lag
-        self.drop = drop
         self.enabled = _SYNC_FILE_RANGE is not None
         self._ranges: deque[tuple[int, int]] = deque()
         self._pending = 0
@@ -63,7 +64,7 @@ class WriteBehind:
         with self._lock:
             self._ranges.append((offset, length))
             self._pending += length
-            while self.drop and self._pending > self.lag and len(done) < 2:
+            while self._pending > self.lag:
                 old = self._ranges.popleft()
                 self._pending -= old[1]
                 done.append(old)

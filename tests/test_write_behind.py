@@ -1,4 +1,4 @@
-"""WriteBehind: written data stays intact; unsupported files turn it off; drop can wait."""
+"""WriteBehind: written data stays intact; unsupported files turn it off."""
 
 from __future__ import annotations
 
@@ -29,23 +29,6 @@ def test_data_is_intact_after_ranges_are_dropped(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(blocks)
-
-
-@linux
-def test_without_drop_ranges_wait_and_then_drain_two_per_write(tmp_path):
-    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        behind = WriteBehind(fd, lag=4096, drop=False)
-        for i in range(6):
-            os.pwrite(fd, b"x" * 4096, i * 4096)
-            behind.wrote(i * 4096, 4096)
-        assert len(behind._ranges) == 6  # nothing dropped yet
-        behind.drop = True
-        os.pwrite(fd, b"y" * 4096, 6 * 4096)
-        behind.wrote(6 * 4096, 4096)
-        assert len(behind._ranges) == 5  # seven queued, two drained: no stall on one write
-    finally:
-        os.close(fd)
 
 
 @linux

@@ -221,6 +221,36 @@ def put_back(out, pos, base_raw, r, chosen):
     return total
 
 
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def group_by_cut(keys, cuts, order, bounds):
+    """Pass 2, every k settled: group candidates by the first k that selects them.
+
+    ``cuts`` are the k's exact threshold keys, smallest k first (so non-increasing); k number
+    j selects the keys above ``cuts[j]`` (no ties left to take). Candidate i goes to group
+    ``g`` = how many cuts its key does not exceed (``len(cuts)``: no k selects it). ``order``
+    gets the candidates group by group, each group in order; group g is
+    ``order[bounds[g]:bounds[g + 1]]``. One sweep instead of one per k.
+    """
+    groups = cuts.size
+    counts = np.zeros(groups + 1, np.int64)
+    group_of = np.empty(keys.size, np.int32)
+    for i in range(keys.size):
+        key = keys[i]
+        g = 0
+        while g < groups and key <= cuts[g]:
+            g += 1
+        group_of[i] = g
+        counts[g] += 1
+    bounds[0] = 0
+    for g in range(groups + 1):
+        bounds[g + 1] = bounds[g] + counts[g]
+    fill = bounds[:groups + 1].copy()
+    for i in range(keys.size):
+        g = group_of[i]
+        order[fill[g]] = i
+        fill[g] += 1
+
+
 def as_kernel_input(values: np.ndarray, is_bfloat16: bool, scratch: np.ndarray) -> np.ndarray:
     """A flat chunk the kernels take: bf16 bits as uint16, float32 as is, others cast into
     ``scratch`` (float32, at least as long) the way torch casts them (round to nearest even)."""

@@ -302,10 +302,7 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
                                 for n in region})
         v.folder = new_temp_folder(out, v.name)
-        # a k's files keep their pages cached until its threshold is known and the recorded
-        # elements are patched; only then may written data leave the cache
-        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata,
-                                 drop_written=v.k is None)
+        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
     try:
         write_variants(tensors, pieces(tuned, order, selection, cfg.chunk_elements, False),
                        selection, variants, workers, cfg.chunk_elements, cfg.progress)

@@ -425,6 +425,26 @@ def _restored_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
     return results
 
 
+def _settled_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
+                       variants: list[Variant], cuts: np.ndarray) -> list[tuple[int, float]]:
+    """:func:`_restored_write_job` once every k's cut is known and no ties are left to take:
+    the selections are then "key above the cut", decided here on a worker in one sweep
+    (``kernels.group_by_cut``), and each k patches only the elements the previous one did not.
+    """
+    order = np.empty(cand.keys.size, dtype=np.int64)
+    bounds = np.empty(len(variants) + 2, dtype=np.int64)
+    kernels.group_by_cut(cand.keys, cuts, order, bounds)
+    results = []
+    restored, sum_r = 0, 0.0
+    for g, v in enumerate(variants):
+        chosen = order[bounds[g]:bounds[g + 1]]
+        sum_r += kernels.put_back(tuned_raw, cand.pos, cand.base_raw, cand.r, chosen)
+        restored += chosen.size
+        v.writer.write_raw(piece.name, piece.start, tuned_raw)
+        results.append((restored, sum_r))
+    return results
+
+
 def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selection,
                    variants: list[Variant], workers: int, size: int, progress: bool) -> None:
     """Pass 2 over ``parts`` (every tensor): each variant's weights, written as they are decided.
@@ -467,7 +487,11 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
                         if inside:
                             v.stats.add(piece.name, piece.stop - piece.start, prepared.sum_r)
                     writes.submit([], piece.name, _write_job, piece, plan)
-                if selecting:
+                if selecting and all(v.cut is not None and not v.ties_left for v in selecting):
+                    cuts = np.array([v.cut for v in selecting], dtype=np.int64)
+                    writes.submit(selecting, piece.name, _settled_write_job, piece,
+                                  prepared.tuned_raw, prepared.candidates, selecting, cuts)
+                elif selecting:
                     picks = [(v, _select_chunk(v, piece, prepared.candidates,
                                                selection.strategy, writes)) for v in selecting]
                     writes.submit(selecting, piece.name, _restored_write_job, piece,
@@ -547,4 +571,3 @@ def _resolve(v: Variant, early_here: np.ndarray, strategy: str) -> None:
             v.stats.add(name, len(picks), float(r[picks].astype(np.float64).sum()))
     v.candidates.clear()
     v.late_counts = None
-    v.writer.drop_written()

@@ -56,7 +56,7 @@ class ShardedWriter:
     """One output model's weight files; tensors may be written in any order, in chunks."""
 
     def __init__(self, folder: Path, layout: dict[str, list[str]], infos: dict[str, TensorInfo],
-                 metadata: dict[str, dict[str, str] | None], *, drop_written: bool = True):
+                 metadata: dict[str, dict[str, str] | None]):
         self.folder = folder
         self.infos = infos
         self.layout = layout
@@ -84,7 +84,7 @@ class ShardedWriter:
             os.write(fd, struct.pack("<Q", len(blob)) + blob)
             os.ftruncate(fd, start + offset)
             self._fds[file] = fd
-            self._behind[file] = WriteBehind(fd, drop=drop_written)
+            self._behind[file] = WriteBehind(fd)
             for name in names:
                 self._where[name] = (file, start + header[name]["data_offsets"][0])  # type: ignore[index]
 
@@ -99,16 +99,14 @@ class ShardedWriter:
             view, offset = view[written:], offset + written
         self._behind[file].wrote(start, offset - start)
 
-    def drop_written(self) -> None:
-        """From now on, let written data leave the page cache (see :class:`WriteBehind`)."""
-        for behind in self._behind.values():
-            behind.drop = True
-
     def patch(self, name: str, positions: np.ndarray, raw_values: np.ndarray) -> None:
         """Overwrite single elements (flat positions) with raw values of the tensor's itemsize.
 
         Through a shared mapping, not flushed: msync on every patch cost more than the patch,
         and the pages reach the file like any other write (no fsync anywhere, see close).
+        Pages that already left the page cache (:class:`WriteBehind`) are read back first;
+        patches come early in pass 2 and in position order, so these reads are few and
+        sequential.
         """
         if len(positions) == 0:
             return
