@@ -227,7 +227,7 @@ def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
     # into round 2's map, so the split falls after round 1
     seen, split = total // 64, total // 32
     count(0, seen, 0)
-    ties.mark_near([table])
+    ties.mark_near([table], seen)
     marked = set(ties.slot_of)
     ties.apply(0)
     count(seen, split, 1)  # odd map: still unmarked

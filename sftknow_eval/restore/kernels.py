@@ -169,6 +169,31 @@ def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def bins_at_ranks(tables, map_a, map_b, ranks, out):
+    """The histogram summed over ``tables`` (one per worker, marked bins' slots included,
+    their entries read from either target map), walked from the largest key down:
+    ``out[i]`` gets the bin holding the ``ranks[i]``-th element (ranks ascending; -1 past the
+    end). Returns how many elements the tables hold. One sweep, no histogram copy: this runs
+    while the workers wait (``selector.TieCounts.mark_near``)."""
+    out[:] = -1
+    done = 0
+    counted = 0.0
+    for b in range(NUM_BINS - 1, -1, -1):
+        entry = max(map_a[b], map_b[b])
+        count = 0.0
+        for table in tables:
+            if entry >= NUM_BINS:
+                for low in range(FINE):
+                    count += table[entry + low]
+            count += table[b]
+        counted += count
+        while done < ranks.size and ranks[done] <= counted:
+            out[done] = b
+            done += 1
+    return counted
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def find_candidates(base, tuned, strategy, first, seed_term, low, pos, keys, r_out):
     """Pass 2 on one region chunk: the elements whose key is at least ``low``.
 

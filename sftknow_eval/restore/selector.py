@@ -182,7 +182,7 @@ class TieCounts:
       DETECT_STRIDE-th element of the round), or
     * it lies near where a requested count's threshold is expected: at each checkpoint (a
       fraction CHECKPOINTS of the region seen), the bins within NEAR_BINS of the bin holding
-      the rank ``n * counted / total`` (:meth:`mark_near`).
+      the rank ``n * seen / total`` (:meth:`mark_near`).
 
     A bin marked after round r is counted per exact key from round r + 2 on and in the
     histogram before, so its histogram entry ends up holding exactly its elements of the
@@ -200,8 +200,9 @@ class TieCounts:
     key's low bits are added. There are two maps, for even and odd rounds: while the workers
     count round r + 1 with one, the marks decided after round r go into the other
     (:meth:`apply`), which round r + 2 then uses, so no worker ever waits for the marking and
-    no map is written while read. The marking itself reads the tables while a round runs;
-    what it reads only steers which bins are marked, never a count.
+    no map is written while read. Heavy bins are looked up while a round runs (what is read
+    only steers which bins are marked, never a count); the near bins are chosen at the
+    checkpoints, with no round running, so they do not depend on timing.
     """
 
     def __init__(self, total: int, heavy: int | None = None, targets: list[int] | None = None):
@@ -241,16 +242,6 @@ class TieCounts:
             self.maps[which][new] = NUM_BINS + slots * FINE
         self._applied[which] = len(self._order)
 
-    def _histogram(self, tables: list[np.ndarray]) -> np.ndarray:
-        """The histogram so far, summed over the workers, marked bins included (a copy)."""
-        hist = tables[0][:NUM_BINS].copy()
-        for table in tables[1:]:
-            hist += table[:NUM_BINS]
-        marked = np.asarray(self._order, dtype=np.int64)
-        for table in tables:  # slots are numbered in marking order: 0 .. len(marked) - 1
-            hist[marked] += table[NUM_BINS:].reshape(self.slots, FINE)[:marked.size].sum(1)
-        return hist
-
     def mark_heavy(self, tables: list[np.ndarray], sample: np.ndarray) -> None:
         """Mark the sampled unmarked bins whose count (summed over the workers) is heavy."""
         unmarked = sample[~self._marked[sample]]
@@ -263,27 +254,20 @@ class TieCounts:
         if hot.size:
             self.mark_bins(np.unique(hot))
 
-    def mark_near(self, tables: list[np.ndarray]) -> None:
-        """Mark the bins near each target's expected threshold in the histogram so far.
+    def mark_near(self, tables: list[np.ndarray], seen: int) -> None:
+        """Mark the bins near each target's expected threshold, the tables holding exactly the
+        first ``seen`` region elements (no round running): target n is expected at rank
+        ``n * seen / total``."""
+        from sftknow_eval.restore import kernels  # kernels imports this module's constants
 
-        The expected rank of target n is ``n * counted / total``, with ``counted`` what the
-        tables hold now: a round still running adds to them while they are read.
-        """
-        if not self.targets:
+        if not self.targets or seen <= 0:
             return
-        hist = self._histogram(tables)
-        filled = np.flatnonzero(hist)[::-1]  # non-empty bins, largest key first
-        if not filled.size:
-            return
-        from_top = np.cumsum(hist[filled])  # exact below 2**53
-        counted = int(from_top[-1])
-        near = []
-        for n in self.targets:
-            rank = max(1.0, float(Fraction(n) * counted / self.total))
-            if rank > counted:
-                continue
-            b = int(filled[np.searchsorted(from_top, rank, side="left")])
-            near.append(np.arange(max(0, b - NEAR_BINS), min(NUM_BINS, b + NEAR_BINS + 1)))
+        ranks = np.array(sorted(max(1.0, float(Fraction(n) * seen / self.total))
+                                for n in self.targets), dtype=np.float64)
+        bins = np.empty(ranks.size, dtype=np.int64)
+        kernels.bins_at_ranks(tuple(tables), self.maps[0], self.maps[1], ranks, bins)
+        near = [np.arange(max(0, b - NEAR_BINS), min(NUM_BINS, b + NEAR_BINS + 1))
+                for b in bins.tolist() if b >= 0]
         if near:
             bins = np.unique(np.concatenate(near))
             self.mark_bins(bins[~self._marked[bins]])

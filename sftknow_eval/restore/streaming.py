@@ -283,7 +283,7 @@ def scan(tensors: CheckpointPair, parts: list[Piece], selection: Selection, targ
                         take()
                     while checkpoints and seen >= checkpoints[0]:
                         checkpoints.pop(0)
-                    ties.mark_near([st.table for st in pool.states])
+                    ties.mark_near([st.table for st in pool.states], seen)
                     ties.apply(index + 1)  # nothing in flight: both maps
                 ties.apply(index)  # round index is done; index + 2 counts with this map
             index += 1
