@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace outputs left by a different run in --out")
     parser.add_argument("--chunk-elements", type=int, default=1 << 22, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0,
-                        help="worker threads for the element-wise work, each running torch "
-                             "single-threaded (default 0: one per core, at most 2)")
+                        help="worker threads that read chunks and run the compiled element "
+                             "loops (default 0: one per core, at most 2)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 

@@ -142,11 +142,11 @@ def sum_relative_change(base, tuned):
 def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
     """Pass 1 on one region chunk: returns summed r; counts every key into ``table``.
 
-    Per element: r, its key, ``entry = target[key >> BIN_SHIFT]`` and ``table[entry] += 1``,
-    plus the key's low bits when the entry is a count slot (>= NUM_BINS); see
-    ``selector.TieCounts``. ``sample[j]`` gets the bin of element ``j * DETECT_STRIDE``.
-    Elements whose key is out of range (only a NaN r) are not counted; their NaN sum makes the
-    caller raise.
+    Per element: r, its key and ``table[entry] += 1``, where ``entry`` is the bin
+    ``key >> BIN_SHIFT`` while ``target[bin]`` is 0, else ``target[bin]`` (a count slot's
+    start, >= NUM_BINS) plus the key's low bits; see ``selector.TieCounts``. ``sample[j]``
+    gets the bin of element ``j * DETECT_STRIDE``. Elements whose key is out of range (only a
+    NaN r) are not counted; their NaN sum makes the caller raise.
     """
     n = base.size
     r = np.empty(BLOCK, np.float32)
@@ -161,8 +161,11 @@ def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
             key = keys[j]
             if key < 0 or key >= _KEY_LIMIT:
                 continue
-            entry = np.int64(target[key >> BIN_SHIFT])
-            if entry >= NUM_BINS:
+            bin_ = key >> BIN_SHIFT
+            entry = np.int64(target[bin_])
+            if entry == 0:
+                entry = bin_
+            else:
                 entry += key & (FINE - 1)
             table[entry] += 1.0
     return lanes.sum()

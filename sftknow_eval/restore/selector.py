@@ -15,16 +15,16 @@ No file I/O here. The selection rule, which the streaming engine reproduces exac
 Streaming selection (two passes, memory bounded by one chunk plus fixed-size tables). Both
 passes visit tensors in global order. Pass 1 builds a histogram of ``key >> BIN_SHIFT``
 (:func:`threshold_bins` then finds, per k, the bin holding the n-th element and how many elements
-lie in higher bins) and, in :class:`TieCounts`, exact per-key counts for every *heavy* bin (one
-that has reached ``heavy`` elements), counted from the chunk after it became heavy. bf16 and
-fp16 inputs make r take few distinct values, so exact ties are huge; these counts are what lets
-pass 2 decide them without storing them. In pass 2, for each k, the first ``early`` elements of
-the threshold bin (those pass 1 saw before the bin became heavy: fewer than ``heavy`` plus one
-chunk; every element of a light bin) are recorded as candidates; once the last of them is seen,
-their keys plus the heavy bin's counts give the exact threshold key ``cut`` and how many elements
-equal to it are taken (:func:`fine_cut`): the first ``m`` in global order. The candidates are
-patched then, and every later element is decided on the spot: ``key > cut``, or ``key == cut``
-while fewer than ``m`` such were taken (a running counter).
+lie in higher bins) and, in :class:`TieCounts`, exact per-key counts for every *marked* bin (one
+that has reached ``heavy`` elements, or lies near where a threshold is expected), counted from
+two rounds after it was marked. bf16 and fp16 inputs make r take few distinct values, so exact
+ties are huge; these counts are what lets pass 2 decide them without storing them. In pass 2,
+for each k, the first ``early`` elements of the threshold bin (those pass 1 counted before the
+bin was marked; every element of an unmarked bin) are recorded as candidates; once the last of
+them is seen, their keys plus the bin's exact counts give the exact threshold key ``cut`` and
+how many elements equal to it are taken (:func:`fine_cut`): the first ``m`` in global order.
+The candidates are patched then, and every later element is decided on the spot:
+``key > cut``, or ``key == cut`` while fewer than ``m`` such were taken (a running counter).
 """
 
 from __future__ import annotations
@@ -195,9 +195,10 @@ class TieCounts:
 
     Layout, so that counting an element is one lookup and one increment
     (``kernels.count_keys``): each worker owns one float64 table (:meth:`new_table`), the
-    histogram in its first NUM_BINS entries and then FINE counts per slot; a target map sends
-    bin ``b`` to entry ``b`` while unmarked and to its slot's first entry once marked, where the
-    key's low bits are added. There are two maps, for even and odd rounds: while the workers
+    histogram in its first NUM_BINS entries and then FINE counts per slot; a target map holds 0
+    for a bin not marked (its elements go to histogram entry ``b``) and its slot's first entry
+    once marked, where the key's low bits are added (zeros, not the identity, so the map's
+    untouched pages are never written). There are two maps, for even and odd rounds: while the workers
     count round r + 1 with one, the marks decided after round r go into the other
     (:meth:`apply`), which round r + 2 then uses, so no worker ever waits for the marking and
     no map is written while read. Heavy bins are looked up while a round runs (what is read
@@ -212,7 +213,7 @@ class TieCounts:
         # numpy allocates the maps and tables: it asks for transparent huge pages on large
         # arrays, and the counting loop reads and writes them at random, where 4 KiB pages cost
         # a TLB miss per element (pass 1 took 20% longer on torch's memory)
-        self.maps = (np.arange(NUM_BINS, dtype=np.int32), np.arange(NUM_BINS, dtype=np.int32))
+        self.maps = (np.zeros(NUM_BINS, dtype=np.int32), np.zeros(NUM_BINS, dtype=np.int32))
         self.slots = (total // self.heavy + 1
                       + len(CHECKPOINTS) * len(self.targets) * (2 * NEAR_BINS + 1))
         if NUM_BINS + self.slots * FINE >= 2**31:

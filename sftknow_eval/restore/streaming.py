@@ -7,21 +7,22 @@ elements of each k's threshold bin, which are recorded and patched in place once
 threshold key is known (see ``selector``). Both passes visit tensors in natural name order (the
 global element order).
 
-Threads. The element-wise maths runs on ``workers`` Python threads, each running torch
-single-threaded: torch and numpy release the GIL inside their kernels, so two cores work on two
-chunks at once. (Not torch's own intra-op threads: on a busy machine the barriers of OpenMP made
-two-thread ops 15x slower than one.) In pass 1 the workers take chunks in batches of
-``workers`` and bins are marked between batches, so the split between the elements pass 2
-records and the ones pass 1 counts falls on a point of global order whatever the number of
-workers: the outputs do not depend on it (tested). In pass 2 the workers compute r, keys and
-the candidates of the next chunks while the main thread makes the sequential decisions; the
-chunks are then assembled and written by jobs on the same workers.
+Threads. The element loops are compiled (``kernels``) and release the GIL, so ``workers``
+Python threads run them on as many cores; each worker reads its chunk itself with positional
+reads (``reader.RawRange``). In pass 1 the chunks go in rounds of ROUND_PIECES, two rounds in
+flight, and bins are marked between rounds; the split between the elements pass 2 records and
+the ones pass 1 counts exactly falls on a round edge, so it is a point of global order
+whatever the number of workers or their timing: the outputs do not depend on either (tested).
+In pass 2 the workers read and prepare the next chunks (r, keys, candidates) while the main
+thread makes the sequential decisions; each chunk is then patched and written to every
+variant by one job on the same workers.
 
-Memory: per worker one chunk of ``chunk_elements`` elements in work buffers and, in pass 1, a
-table of the 64 MB histogram plus 2 KB per count slot (at most 47 MB for five k's, whatever
-the model size: see ``TieCounts``), beside a shared 32 MB bin map; at most ``4 * workers`` output chunks in
-flight; one open shard per model (two for a moment when a shard ends); per k the recorded
-early elements of its threshold bin (13-14 bytes each).
+Memory, whatever the model size: per worker the work buffers of one chunk of
+``chunk_elements`` elements (up to 8 bytes each, times two inputs, plus candidates) and, in
+pass 1, a table of the 64 MB histogram plus 2 KB per count slot (at most 47 MB for five k's,
+see ``TieCounts``), beside two shared 32 MB bin maps; in pass 2 at most ``6 * workers``
+chunks read ahead or waiting to be written; per k the recorded early elements of its
+threshold bin (13-14 bytes each). Nothing is memory-mapped, so no shard's pages count.
 """
 
 from __future__ import annotations
@@ -330,13 +331,35 @@ class _Candidates:
 
 @dataclass
 class _Prepared:
-    """A piece after a worker's part of pass 2: the tuned chunk's raw values (a fresh array,
-    which the write job patches in place) and, in the region, what the variants need."""
+    """A piece after a worker's part of pass 2: the tuned chunk's raw values (in a buffer of
+    its own, which the write job patches in place) and, in the region, what the variants
+    need. ``buffers`` go back to the spares once the piece is written."""
 
     tuned_raw: np.ndarray
+    buffers: list[np.ndarray]
     sum_r: float = 0.0  # for layer groups
     candidates: _Candidates | None = None  # for the k's
     base_raw: np.ndarray | None = None  # for layer groups: the whole base chunk
+
+
+class _Spares:
+    """Chunk-sized byte buffers handed from read to write and back, so pass 2 reads into
+    memory already mapped (fresh buffers cost page faults and zeroing on every chunk)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> np.ndarray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return np.empty(self.nbytes, dtype=np.uint8)
+
+    def give_back(self, buffers: list[np.ndarray]) -> None:
+        with self._lock:
+            self._free.extend(buffers)
 
 
 def _lowest_key(selecting: list[Variant]) -> int:
@@ -349,14 +372,18 @@ def _lowest_key(selecting: list[Variant]) -> int:
                for v in selecting)
 
 
-def _prepare_piece(pool: _Workers, piece: Piece, base: RawRange, tuned: RawRange,
-                   selection: Selection, low: int | None, groups: bool) -> _Prepared:
+def _prepare_piece(pool: _Workers, spares: _Spares, piece: Piece, base: RawRange,
+                   tuned: RawRange, selection: Selection, low: int | None,
+                   groups: bool) -> _Prepared:
     buf: _Buffers = pool.state()
-    tuned_bytes = tuned.read()
-    prepared = _Prepared(raw_values(tuned_bytes, tuned))
+    own = [spares.take()]
+    tuned_bytes = tuned.read(own[0])
+    prepared = _Prepared(raw_values(tuned_bytes, tuned), own)
     if piece.first is None:
         return prepared
-    base_bytes = base.read() if groups else base.read(buf.base_bytes)
+    if groups:
+        own.append(spares.take())
+    base_bytes = base.read(own[1] if groups else buf.base_bytes)
     b = buf.values(base_bytes, base, buf.base32)
     t = buf.values(tuned_bytes, tuned, buf.tuned32)
     if groups:
@@ -381,14 +408,23 @@ class _WriteQueue:
     threads.
     """
 
-    def __init__(self, pool: _Workers, limit: int):
-        self.pool, self.limit = pool, limit
+    def __init__(self, pool: _Workers, limit: int, spares: _Spares):
+        self.pool, self.limit, self.spares = pool, limit, spares
         self.pending: deque[tuple[Future, list[Variant], str]] = deque()
 
-    def submit(self, stats_of: list[Variant], name: str, fn: Callable, *args) -> None:
+    def submit(self, stats_of: list[Variant], name: str, release: list[np.ndarray],
+               fn: Callable, *args) -> None:
+        """Queue ``fn(*args)``; ``release`` goes back to the spares once it has run (the last
+        job to use those buffers)."""
         while len(self.pending) >= self.limit:
             self._pop()
-        self.pending.append((self.pool.submit(fn, *args), stats_of, name))
+        self.pending.append((self.pool.submit(self._run, release, fn, *args), stats_of, name))
+
+    def _run(self, release: list[np.ndarray], fn: Callable, *args):
+        try:
+            return fn(*args)
+        finally:
+            self.spares.give_back(release)
 
     def drain(self) -> None:
         while self.pending:
@@ -456,14 +492,17 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
     """
     selecting = sorted((v for v in variants if v.k is not None), key=lambda v: v.threshold.n)
     groups = [v for v in variants if v.group is not None]
+    if selecting and groups:  # one write job per piece: it alone gives the buffers back
+        raise AssertionError("k's and layer groups are never restored in one run")
     pool = _Workers(workers, lambda: _Buffers(size))
-    writes = _WriteQueue(pool, limit=4 * pool.workers)
+    spares = _Spares(size * 8)  # room for float64 chunks
+    writes = _WriteQueue(pool, 4 * pool.workers, spares)
     ahead: deque[tuple[Piece, Future]] = deque()
 
     def submit(piece: Piece) -> None:
         low = _lowest_key(selecting) if selecting and piece.first is not None else None
-        ahead.append((piece, pool.submit(_prepare_piece, pool, piece, *tensors.ranges(piece),
-                                         selection, low, bool(groups))))
+        ahead.append((piece, pool.submit(_prepare_piece, pool, spares, piece,
+                                         *tensors.ranges(piece), selection, low, bool(groups))))
 
     bar = tqdm(total=len(parts), desc="restore pass 2/2", unit="chunk", disable=not progress)
     todo: Iterator[Piece] = iter(parts)
@@ -476,7 +515,7 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
             piece, future = ahead.popleft()
             prepared: _Prepared = future.result()
             if piece.first is None:  # outside the region: the tuned values, in every variant
-                writes.submit([], piece.name, _write_job, piece,
+                writes.submit([], piece.name, prepared.buffers, _write_job, piece,
                               [(v, prepared.tuned_raw) for v in variants])
             else:
                 if groups:
@@ -486,16 +525,16 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
                         plan.append((v, prepared.base_raw if inside else prepared.tuned_raw))
                         if inside:
                             v.stats.add(piece.name, piece.stop - piece.start, prepared.sum_r)
-                    writes.submit([], piece.name, _write_job, piece, plan)
+                    writes.submit([], piece.name, prepared.buffers, _write_job, piece, plan)
                 if selecting and all(v.cut is not None and not v.ties_left for v in selecting):
                     cuts = np.array([v.cut for v in selecting], dtype=np.int64)
-                    writes.submit(selecting, piece.name, _settled_write_job, piece,
-                                  prepared.tuned_raw, prepared.candidates, selecting, cuts)
+                    writes.submit(selecting, piece.name, prepared.buffers, _settled_write_job,
+                                  piece, prepared.tuned_raw, prepared.candidates, selecting, cuts)
                 elif selecting:
                     picks = [(v, _select_chunk(v, piece, prepared.candidates,
                                                selection.strategy, writes)) for v in selecting]
-                    writes.submit(selecting, piece.name, _restored_write_job, piece,
-                                  prepared.tuned_raw, prepared.candidates, picks)
+                    writes.submit(selecting, piece.name, prepared.buffers, _restored_write_job,
+                                  piece, prepared.tuned_raw, prepared.candidates, picks)
             bar.update(1)
             nxt = next(todo, None)
             if nxt is not None:
