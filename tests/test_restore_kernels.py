@@ -95,3 +95,12 @@ def test_nan_inputs_make_the_sum_nan_and_stay_inside_the_table(strategy):
                                0, 0, target, table, sample)
     assert np.isnan(total)
     assert 1_000 - 2 <= table.sum() <= 1_000 - 1  # the -inf element's NaN is never counted
+
+
+def test_the_python_form_of_load_widens_bf16_as_torch_does():
+    base, _ = _pair(torch.bfloat16, 64, seed=1)
+    bits = raw_view(base)
+    want = base.float().numpy()
+    got = np.array([kernels._load(bits, i) for i in range(64)], dtype=np.float32)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    assert kernels._load(want, 3) == want[3]

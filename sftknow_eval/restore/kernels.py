@@ -62,8 +62,11 @@ def _bits_of_float(typingctx, value):
     return types.int32(types.float32), codegen
 
 
-def _load(values, i):  # pragma: no cover - replaced by the overload below inside compiled code
-    raise NotImplementedError
+def _load(values, i):
+    """Element i as float32; in compiled code the overload below stands in for this."""
+    if values.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
+        return np.array([int(values[i]) << 16], dtype=np.uint32).view(np.float32)[0]
+    return np.float32(values[i])
 
 
 @overload(_load, inline="always")
