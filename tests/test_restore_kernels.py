@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from sftknow_eval.restore import kernels, selector
-from sftknow_eval.restore.writer import raw_view
+
+
+def raw_view(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor's bits as uint16 (numpy has no bfloat16)."""
+    return t.reshape(-1).view(torch.int16).numpy().view(np.uint16)
 
 
 def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

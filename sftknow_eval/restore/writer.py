@@ -22,15 +22,11 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sftknow_eval.restore.reader import SAFETENSORS_INDEX, TensorInfo
 from sftknow_eval.write_behind import WriteBehind
-
-if TYPE_CHECKING:
-    import torch
 
 TEMP_PREFIX = ".tmp-restore-"
 #: Files copied from the tuned model beside the weights (config, tokenizer, generation config).
@@ -39,17 +35,6 @@ AUX_PATTERNS = (
     "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "preprocessor_config.json",
 )
 _RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def raw_view(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as an unsigned-int numpy view of the same itemsize (bf16 included)."""
-    import torch
-
-    itemsize = tensor.element_size()
-    unsigned = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]
-    flat = tensor.reshape(-1)
-    array = (flat.view(unsigned) if flat.dtype != unsigned else flat).numpy()
-    return array.view(_RAW_DTYPES[itemsize])
 
 
 class ShardedWriter:
