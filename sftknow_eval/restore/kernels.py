@@ -100,28 +100,40 @@ def _random_key(index, seed_term):
 
 
 @njit(inline="always")
+def _key(r, strategy, index, seed_term):
+    """An element's key (selector.score_keys): r's bits (top), +inf's bits minus them
+    (bottom), or the seeded hash of its global index (random)."""
+    if strategy == 0:
+        return np.int64(_bits_of_float(r))
+    if strategy == 1:
+        return INF_BITS - np.int64(_bits_of_float(r))
+    return _random_key(index, seed_term)
+
+
+@njit(inline="always")
 def _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes):
     """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``; their r
     added to ``lanes`` (LANES partial sums, element j into lane j % LANES).
 
-    One loop per strategy and no counting in them, so that LLVM vectorises them; the partial
-    sums break the chain of dependent additions (the order of additions is fixed by the
-    chunk's elements alone, not by threads).
+    No counting in these loops, so that LLVM vectorises them; the partial sums break the
+    chain of dependent additions (the order of additions is fixed by the chunk's elements
+    alone, not by threads).
     """
-    if strategy == 0:
+    if strategy == 0:  # one loop per strategy, each with a constant one: LLVM vectorises them
         for j in range(size):
             v = _relative_change(base, tuned, start + j)
             r[j] = v
-            keys[j] = _bits_of_float(v)
+            keys[j] = _key(v, 0, 0, 0)
     elif strategy == 1:
         for j in range(size):
             v = _relative_change(base, tuned, start + j)
             r[j] = v
-            keys[j] = INF_BITS - np.int64(_bits_of_float(v))
+            keys[j] = _key(v, 1, 0, 0)
     else:
         for j in range(size):
-            r[j] = _relative_change(base, tuned, start + j)
-            keys[j] = _random_key(first + start + j, seed_term)
+            v = _relative_change(base, tuned, start + j)
+            r[j] = v
+            keys[j] = _key(v, 2, first + start + j, seed_term)
     full = size - size % LANES
     for j in range(0, full, LANES):
         for lane in range(LANES):
@@ -211,12 +223,7 @@ def find_candidates(base, tuned, strategy, first, seed_term, low, pos, keys, r_o
     for i in range(base.size):
         r = _relative_change(base, tuned, i)
         lanes[i % LANES] += r
-        if strategy == 0:
-            key = np.int64(_bits_of_float(r))
-        elif strategy == 1:
-            key = INF_BITS - np.int64(_bits_of_float(r))
-        else:
-            key = _random_key(first + i, seed_term)
+        key = _key(r, strategy, first + i, seed_term)
         # branch-free: always store, advance only for a candidate (a data-dependent branch
         # mispredicts on a good share of the elements when k is large)
         pos[count] = i

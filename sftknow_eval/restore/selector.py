@@ -237,10 +237,10 @@ class TieCounts:
         """Put every mark so far into the map of ``round_index``'s parity; that round must be
         finished and the next round of the same parity not yet started."""
         which = round_index % 2
-        new = np.asarray(self._order[self._applied[which]:], dtype=np.int64)
-        if new.size:
-            slots = np.fromiter((self.slot_of[b] for b in new.tolist()), np.int64, new.size)
-            self.maps[which][new] = NUM_BINS + slots * FINE
+        first = self._applied[which]
+        new = np.asarray(self._order[first:], dtype=np.int64)
+        slots = np.arange(first, len(self._order), dtype=np.int64)  # slots follow _order
+        self.maps[which][new] = NUM_BINS + slots * FINE
         self._applied[which] = len(self._order)
 
     def mark_heavy(self, tables: list[np.ndarray], sample: np.ndarray) -> None:
