@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: run each contender at least once")
     if args.child:
         kind, *rest = args.child
         paths = [Path(p) for p in rest[:3]]
