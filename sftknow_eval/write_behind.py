@@ -27,7 +27,22 @@ def _libc_sync_file_range():
     return fn
 
 
+def _libc_fallocate():
+    """libc's fallocate (Linux only; ``os.posix_fallocate`` falls back to writing zeros where
+    the file system cannot preallocate, which would double the writes), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 _SYNC_FILE_RANGE = _libc_sync_file_range()
+_FALLOCATE = _libc_fallocate()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 _UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
 
@@ -47,7 +62,7 @@ class WriteBehind:
     (benchmarks/restore).
     """
 
-    def __init__(self, fd: int, lag: int = 16 << 20):
+    def __init__(self, fd: int, lag: int = 8 << 20):
         self.fd = fd
         self.lag = lag
         self.enabled = _SYNC_FILE_RANGE is not None
@@ -80,3 +95,20 @@ class WriteBehind:
             self.enabled = False
             return False
         raise OSError(code, f"sync_file_range: {os.strerror(code)}")
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes, reserved on disk where the file system can (else a sparse
+    ``ftruncate``). A full disk then fails here, before anything is written.
+
+    Filling reserved blocks is cheaper than filling a sparse file: ext4 then skips its
+    delayed-allocation bookkeeping on every page. Writing five 2 GB files from two threads
+    took 2.0 s of system time instead of 3.2-3.7 s (same wall time: the disk was the limit).
+    """
+    if size > 0 and _FALLOCATE is not None:
+        if _FALLOCATE(fd, 0, 0, size) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in _UNSUPPORTED:
+            raise OSError(code, f"fallocate: {os.strerror(code)}")
+    os.ftruncate(fd, size)

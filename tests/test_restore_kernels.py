@@ -33,6 +33,14 @@ def _inputs(t: torch.Tensor) -> np.ndarray:
     return kernels.as_kernel_input(values, bf16, np.empty(t.numel(), np.float32))
 
 
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The stored bits as unsigned ints of the dtype's width (restore's raw form)."""
+    if t.dtype == torch.bfloat16:
+        return raw_view(t)
+    values = t.reshape(-1).numpy()
+    return values.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[values.itemsize])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("strategy", selector.STRATEGIES)
 def test_candidates_match_torch_r_and_keys(dtype, strategy):
@@ -42,17 +50,20 @@ def test_candidates_match_torch_r_and_keys(dtype, strategy):
     keys = selector.score_keys(r, strategy, first, 7).numpy().astype(np.int64)
     low = int(np.quantile(keys, 0.9))
     n = base.numel()
-    pos, got_keys, got_r = np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.float32)
-    count, total = kernels.find_candidates(
-        _inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy], first,
-        selector.random_seed_term(7), low, pos, got_keys, got_r)
+    base_raw = _raw(base)
+    pos, got_keys, got_r = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32)
+    got_raw = np.empty(n, base_raw.dtype)
+    count = kernels.find_candidates(
+        _inputs(base), _inputs(tuned), base_raw, kernels.STRATEGY_CODES[strategy], first,
+        selector.random_seed_term(7), low, pos, got_keys, got_r, got_raw)
     want = np.flatnonzero(keys >= low)
     assert count == want.size > 0
     np.testing.assert_array_equal(pos[:count], want)
     np.testing.assert_array_equal(got_keys[:count], keys[want])
     np.testing.assert_array_equal(got_r[:count].view(np.int32), r.numpy()[want].view(np.int32))
+    np.testing.assert_array_equal(got_raw[:count], base_raw[want])  # the stored bits, exactly
+    total = kernels.sum_relative_change(_inputs(base), _inputs(tuned))
     assert total == pytest.approx(float(r.double().sum()), rel=1e-12)
-    assert kernels.sum_relative_change(_inputs(base), _inputs(tuned)) == total
 
 
 @pytest.mark.parametrize("strategy", selector.STRATEGIES)

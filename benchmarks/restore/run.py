@@ -138,14 +138,16 @@ def baseline(base_dir: Path, tuned_dir: Path, out: Path, k: float) -> None:
 
 
 def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1,
-             lag_mb: int | None = None) -> None:
+             lag_mb: int | None = None, reserve: bool = False) -> None:
     """Read both inputs once, write ``outputs`` outputs of the same size: no computation.
 
     ``lag_mb``: with the write-behind that restore's writer uses (each written range goes to
     disk at once and leaves the page cache ``lag_mb`` MB later), so the floor gets the same
-    help; None: plain buffered writes.
+    help; None: plain buffered writes. ``reserve``: each output's blocks are reserved on disk
+    first, as restore's writer does (:func:`preallocate`).
     """
-    from sftknow_eval.write_behind import WriteBehind  # standard library only: no torch import
+    # standard library only: no torch import
+    from sftknow_eval.write_behind import WriteBehind, preallocate
 
     folders = [out / f"o{i}" for i in range(outputs)]
     for folder in folders:
@@ -155,6 +157,9 @@ def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1,
     for f in sorted(tuned_dir.glob("*.safetensors")):
         with open(base_dir / f.name, "rb", buffering=0) as b, open(f, "rb", buffering=0) as t:
             files = [open(folder / f.name, "wb", buffering=0) for folder in folders]  # noqa: SIM115
+            if reserve:
+                for o in files:
+                    preallocate(o.fileno(), f.stat().st_size)
             behind = [WriteBehind(o.fileno(), lag_mb << 20) if lag_mb else None for o in files]
             try:
                 while b.readinto(view):
@@ -293,7 +298,7 @@ def main() -> None:
         elif kind == "baseline":
             baseline(*paths, float(rest[3]))
         elif kind == "floor":
-            io_floor(*paths, int(rest[3]), int(rest[4]) or None)
+            io_floor(*paths, int(rest[3]), int(rest[4]) or None, rest[5] == "reserve")
         elif kind == "warm_up":
             warm_up(Path(rest[0]))
         else:
@@ -332,19 +337,28 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         results: dict[str, dict[str, float]] = {}
         n_out = str(len(args.ks.split(",")))
-        # I/O floors: plain writes, and write-behind with restore's 16 MB lag and a longer one
-        # (128 MB suits one output, 64 MB several: each is the best we measured for its case)
-        floors_1 = {"io_floor": "0", "io_floor_streamed_16mb": "16", "io_floor_streamed_128mb": "128"}
-        floors_5 = {"io_floor_5_outputs": "0", "io_floor_5_outputs_streamed_16mb": "16",
-                    "io_floor_5_outputs_streamed_64mb": "64"}
-        contenders = [(label, ["--child", "floor", b, t, str(o), "1", lag], ("base", "tuned"))
-                      for label, lag in floors_1.items()]
+        # I/O floors: plain writes, and write-behind with restore's 8 MB lag and longer ones
+        # (128 MB suited one output, 64 MB several, into sparse files), into sparse files or,
+        # as restore's writer does, files with their blocks reserved
+        floors_1 = {"io_floor": ("0", "sparse"), "io_floor_streamed_16mb": ("16", "sparse"),
+                    "io_floor_streamed_128mb": ("128", "sparse"),
+                    "io_floor_reserved_8mb": ("8", "reserve"),
+                    "io_floor_reserved_16mb": ("16", "reserve"),
+                    "io_floor_reserved_128mb": ("128", "reserve")}
+        floors_5 = {"io_floor_5_outputs": ("0", "sparse"),
+                    "io_floor_5_outputs_streamed_16mb": ("16", "sparse"),
+                    "io_floor_5_outputs_streamed_64mb": ("64", "sparse"),
+                    "io_floor_5_outputs_reserved_8mb": ("8", "reserve"),
+                    "io_floor_5_outputs_reserved_16mb": ("16", "reserve"),
+                    "io_floor_5_outputs_reserved_64mb": ("64", "reserve")}
+        contenders = [(label, ["--child", "floor", b, t, str(o), "1", *how], ("base", "tuned"))
+                      for label, how in floors_1.items()]
         contenders += [
             ("ours_1k", ["--child", "ours", b, t, str(o), one_k], ("base", "tuned")),
             ("ours_5k", ["--child", "ours", b, t, str(o), args.ks], ("base", "tuned")),
         ]
-        contenders += [(label, ["--child", "floor", b, t, str(o), n_out, lag], ("base", "tuned"))
-                       for label, lag in floors_5.items()]
+        contenders += [(label, ["--child", "floor", b, t, str(o), n_out, *how], ("base", "tuned"))
+                       for label, how in floors_5.items()]
         contenders += [
             ("baseline_1k", ["--child", "baseline", b, t, str(o), one_k], ("base", "tuned")),
             ("ours_1k_2x_model", ["--child", "ours", str(tmp / "base2"), str(tmp / "tuned2"),

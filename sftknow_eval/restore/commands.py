@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also read pickle (*.bin) checkpoints; only for files you trust")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs left by a different run in --out")
-    parser.add_argument("--chunk-elements", type=int, default=1 << 22, help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-elements", type=int, default=1 << 20, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0,
                         help="worker threads that read chunks and run the compiled element "
                              "loops (default 0: one per core, at most 2)")

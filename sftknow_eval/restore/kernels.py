@@ -111,29 +111,41 @@ def _key(r, strategy, index, seed_term):
 
 
 @njit(inline="always")
-def _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes):
-    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``; their r
-    added to ``lanes`` (LANES partial sums, element j into lane j % LANES).
+def _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys):
+    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``.
 
-    No counting in these loops, so that LLVM vectorises them; the partial sums break the
-    chain of dependent additions (the order of additions is fixed by the chunk's elements
-    alone, not by threads).
+    The inputs are sliced to the block first: indexed as ``base[start + j]``, LLVM left these
+    loops scalar (ten times slower; the division dominates). One loop per strategy, each with
+    a constant one, so each vectorises.
     """
-    if strategy == 0:  # one loop per strategy, each with a constant one: LLVM vectorises them
+    b = base[start:start + size]
+    t = tuned[start:start + size]
+    if strategy == 0:
         for j in range(size):
-            v = _relative_change(base, tuned, start + j)
+            v = _relative_change(b, t, j)
             r[j] = v
             keys[j] = _key(v, 0, 0, 0)
     elif strategy == 1:
         for j in range(size):
-            v = _relative_change(base, tuned, start + j)
+            v = _relative_change(b, t, j)
             r[j] = v
             keys[j] = _key(v, 1, 0, 0)
     else:
         for j in range(size):
-            v = _relative_change(base, tuned, start + j)
+            v = _relative_change(b, t, j)
             r[j] = v
             keys[j] = _key(v, 2, first + start + j, seed_term)
+
+
+@njit(inline="always")
+def _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes):
+    """:func:`_r_and_keys`, and the block's r added to ``lanes`` (LANES partial sums, element
+    j into lane j % LANES).
+
+    The partial sums break the chain of dependent additions; the order of additions is fixed
+    by the chunk's elements alone, not by threads.
+    """
+    _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys)
     full = size - size % LANES
     for j in range(0, full, LANES):
         for lane in range(LANES):
@@ -212,25 +224,39 @@ def bins_at_ranks(tables, map_a, map_b, ranks, out):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def find_candidates(base, tuned, strategy, first, seed_term, low, pos, keys, r_out):
+def find_candidates(base, tuned, base_raw, strategy, first, seed_term, low, pos, keys, r_out,
+                    raw_out):
     """Pass 2 on one region chunk: the elements whose key is at least ``low``.
 
-    Writes their positions (ascending), keys and r into the front of ``pos``, ``keys`` and
-    ``r_out``; returns (how many, summed r of the whole chunk).
+    Writes their positions (ascending), keys, r and stored base values (``base_raw``: the
+    chunk's raw bits) into the front of ``pos``, ``keys``, ``r_out`` and ``raw_out``; returns
+    how many.
+
+    Per block: r and keys (vectorised), the candidates' offsets (branch-free: always store,
+    advance only for a candidate; a branch would mispredict on a good share of the elements
+    when k is large), then their fields. Storing all four fields for every element, as one
+    sweep would, cost twice as much: stores were the limit.
     """
-    lanes = np.zeros(LANES, np.float64)
+    r = np.empty(BLOCK, np.float32)
+    block_keys = np.empty(BLOCK, np.int64)
+    found = np.empty(BLOCK, np.int32)
     count = 0
-    for i in range(base.size):
-        r = _relative_change(base, tuned, i)
-        lanes[i % LANES] += r
-        key = _key(r, strategy, first + i, seed_term)
-        # branch-free: always store, advance only for a candidate (a data-dependent branch
-        # mispredicts on a good share of the elements when k is large)
-        pos[count] = i
-        keys[count] = key
-        r_out[count] = r
-        count += key >= low
-    return count, lanes.sum()
+    for start in range(0, base.size, BLOCK):
+        size = min(BLOCK, base.size - start)
+        _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, block_keys)
+        m = 0
+        for j in range(size):
+            found[m] = j
+            m += block_keys[j] >= low
+        raw = base_raw[start:start + size]
+        for c in range(m):
+            j = found[c]
+            pos[count + c] = start + j
+            keys[count + c] = block_keys[j]
+            r_out[count + c] = r[j]
+            raw_out[count + c] = raw[j]
+        count += m
+    return count
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
@@ -260,25 +286,55 @@ def put_back(out, pos, base_raw, r, chosen):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def group_by_cut(keys, cuts, order, bounds):
-    """Pass 2, every k settled: group candidates by the first k that selects them.
+def count_ties(keys, cuts, out):
+    """``out[j]`` = how many of ``keys`` equal ``cuts[j]`` (a chunk's ties at each k's cut)."""
+    out[:] = 0
+    for i in range(keys.size):
+        key = keys[i]
+        for j in range(cuts.size):
+            out[j] += key == cuts[j]
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def group_by_cut(keys, cuts, takes, order, bounds):
+    """Pass 2, every k's cut known: group candidates by the first k that selects them.
 
     ``cuts`` are the k's exact threshold keys, smallest k first (so non-increasing); k number
-    j selects the keys above ``cuts[j]`` (no ties left to take). Candidate i goes to group
-    ``g`` = how many cuts its key does not exceed (``len(cuts)``: no k selects it). ``order``
-    gets the candidates group by group, each group in order; group g is
-    ``order[bounds[g]:bounds[g + 1]]``. One sweep instead of one per k.
+    j selects the keys above ``cuts[j]`` and the first ``takes[j]`` keys equal to it (in
+    order: the ties it still takes in this chunk). Candidate i goes to group ``g``, the first
+    k that selects it (``len(cuts)``: none does). ``order`` gets the candidates group by group,
+    each group in order; group g is ``order[bounds[g]:bounds[g + 1]]``. One sweep instead of
+    one per k. Returns how many tied candidates one k selects and a larger k does not: 0
+    unless the selections are not nested, which the caller's patching in place relies on.
     """
     groups = cuts.size
     counts = np.zeros(groups + 1, np.int64)
-    group_of = np.empty(keys.size, np.int32)
+    taken = np.zeros(groups, np.int64)
+    group_of = np.empty(keys.size, np.uint16)  # callers pass fewer than 65535 cuts
+    broken = 0
     for i in range(keys.size):
         key = keys[i]
         g = 0
-        while g < groups and key <= cuts[g]:
-            g += 1
+        tie = False
+        for j in range(groups):  # branch-free: the group is how many cuts the key does not pass
+            g += key <= cuts[j]
+            tie |= key == cuts[j]
+        if tie:  # rare: take ties in order, as far as each k still takes them here
+            g = groups
+            missed = False  # a larger k does not select it
+            bad = False
+            for j in range(groups - 1, -1, -1):
+                equal = key == cuts[j]
+                if key > cuts[j] or (equal and taken[j] < takes[j]):
+                    taken[j] += equal
+                    g = j
+                    bad |= missed
+                else:
+                    missed = True
+            broken += bad
         group_of[i] = g
-        counts[g] += 1
+    for i in range(keys.size):
+        counts[group_of[i]] += 1
     bounds[0] = 0
     for g in range(groups + 1):
         bounds[g + 1] = bounds[g] + counts[g]
@@ -287,6 +343,7 @@ def group_by_cut(keys, cuts, order, bounds):
         g = group_of[i]
         order[fill[g]] = i
         fill[g] += 1
+    return broken
 
 
 def as_kernel_input(values: np.ndarray, is_bfloat16: bool, scratch: np.ndarray) -> np.ndarray:

@@ -190,6 +190,8 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
     if cfg.threads < 0:
         raise UserError(f"--threads {cfg.threads}: use 0 (one per core, at most 2) or a "
                         "positive number of worker threads")
+    if not 0 < cfg.chunk_elements < 2**31:  # candidates keep chunk positions in 32 bits
+        raise UserError(f"--chunk-elements {cfg.chunk_elements}: use 1 to {2**31 - 1}")
     if cfg.layers and cfg.k:
         raise UserError("--layers restores whole layer groups; do not combine it with --k")
     ks = [] if cfg.layers else [selector.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]

@@ -124,9 +124,6 @@ class _Buffers:
         self.base32 = np.empty(size, dtype=np.float32)  # fp16 / fp64 chunks cast to float32
         self.tuned32 = np.empty(size, dtype=np.float32)
         self.sample = np.empty(-(-size // selector.DETECT_STRIDE), dtype=np.int64)
-        self.pos = np.empty(size, dtype=np.int64)
-        self.keys = np.empty(size, dtype=np.int32)
-        self.r = np.empty(size, dtype=np.float32)
 
     def values(self, data: np.ndarray, source: RawRange, scratch: np.ndarray) -> np.ndarray:
         """Read bytes as the kernels take them (see ``kernels``)."""
@@ -339,27 +336,51 @@ class _Prepared:
     buffers: list[np.ndarray]
     sum_r: float = 0.0  # for layer groups
     candidates: _Candidates | None = None  # for the k's
+    ties: np.ndarray | None = None  # per k, candidates equal to its cut (every cut known)
     base_raw: np.ndarray | None = None  # for layer groups: the whole base chunk
 
 
 class _Spares:
-    """Chunk-sized byte buffers handed from read to write and back, so pass 2 reads into
-    memory already mapped (fresh buffers cost page faults and zeroing on every chunk)."""
+    """Byte buffers handed from read to write and back, so pass 2 reads and finds candidates
+    into memory already mapped (fresh buffers cost page faults and zeroing on every chunk).
 
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self._free: list[np.ndarray] = []
+    Two kinds, kept apart so that each buffer's touched pages stay few: chunks (room for one
+    chunk of any dtype) and candidate buffers (:func:`_candidate_views`).
+    """
+
+    def __init__(self, size: int):
+        self.chunk_bytes = size * 8  # float64
+        self.candidate_bytes = size * 20 + 16  # see _candidate_views
+        self._free: dict[int, list[np.ndarray]] = {self.chunk_bytes: [],
+                                                   self.candidate_bytes: []}
         self._lock = threading.Lock()
 
-    def take(self) -> np.ndarray:
+    def chunk(self) -> np.ndarray:
+        return self._take(self.chunk_bytes)
+
+    def candidates(self) -> np.ndarray:
+        return self._take(self.candidate_bytes)
+
+    def _take(self, nbytes: int) -> np.ndarray:
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        return np.empty(self.nbytes, dtype=np.uint8)
+            if self._free[nbytes]:
+                return self._free[nbytes].pop()
+        return np.empty(nbytes, dtype=np.uint8)
 
     def give_back(self, buffers: list[np.ndarray]) -> None:
         with self._lock:
-            self._free.extend(buffers)
+            for buffer in buffers:
+                self._free[buffer.size].append(buffer)
+
+
+def _candidate_views(buffer: np.ndarray, size: int, raw_dtype: np.dtype
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Room for up to ``size`` candidates in one candidate buffer (20 bytes each, padded):
+    positions and keys (int32), r (float32), raw base values (each field 8-byte aligned)."""
+    step = -(-size * 4 // 8) * 8
+    return (buffer[:size * 4].view(np.int32), buffer[step:step + size * 4].view(np.int32),
+            buffer[2 * step:2 * step + size * 4].view(np.float32),
+            buffer[3 * step:3 * step + size * raw_dtype.itemsize].view(raw_dtype))
 
 
 def _lowest_key(selecting: list[Variant]) -> int:
@@ -372,17 +393,24 @@ def _lowest_key(selecting: list[Variant]) -> int:
                for v in selecting)
 
 
+def _known_cuts(selecting: list[Variant]) -> np.ndarray | None:
+    """Every k's exact threshold key (smallest k first), or None while one is not known."""
+    if not selecting or any(v.cut is None for v in selecting):
+        return None
+    return np.array([v.cut for v in selecting], dtype=np.int64)
+
+
 def _prepare_piece(pool: _Workers, spares: _Spares, piece: Piece, base: RawRange,
                    tuned: RawRange, selection: Selection, low: int | None,
-                   groups: bool) -> _Prepared:
+                   cuts: np.ndarray | None, groups: bool) -> _Prepared:
     buf: _Buffers = pool.state()
-    own = [spares.take()]
+    own = [spares.chunk()]
     tuned_bytes = tuned.read(own[0])
     prepared = _Prepared(raw_values(tuned_bytes, tuned), own)
     if piece.first is None:
         return prepared
     if groups:
-        own.append(spares.take())
+        own.append(spares.chunk())
     base_bytes = base.read(own[1] if groups else buf.base_bytes)
     b = buf.values(base_bytes, base, buf.base32)
     t = buf.values(tuned_bytes, tuned, buf.tuned32)
@@ -391,12 +419,16 @@ def _prepare_piece(pool: _Workers, spares: _Spares, piece: Piece, base: RawRange
     if low is None:
         prepared.sum_r = kernels.sum_relative_change(b, t)
         return prepared
-    count, prepared.sum_r = kernels.find_candidates(
-        b, t, kernels.STRATEGY_CODES[selection.strategy], piece.first,
-        selector.random_seed_term(selection.seed), low, buf.pos, buf.keys, buf.r)
-    pos = buf.pos[:count].copy()  # the buffers serve the next piece while these wait
-    prepared.candidates = _Candidates(pos, buf.keys[:count].copy(), buf.r[:count].copy(),
-                                      raw_values(base_bytes, base)[pos])
+    base_raw = raw_values(base_bytes, base)
+    own.append(spares.candidates())  # the candidates wait with the piece, in a spare of their own
+    views = _candidate_views(own[-1], b.size, base_raw.dtype)
+    count = kernels.find_candidates(
+        b, t, base_raw, kernels.STRATEGY_CODES[selection.strategy], piece.first,
+        selector.random_seed_term(selection.seed), low, *views)
+    prepared.candidates = _Candidates(*(view[:count] for view in views))
+    if cuts is not None:  # cuts never change once known: count the ties they meet here
+        prepared.ties = np.empty(cuts.size, dtype=np.int64)
+        kernels.count_ties(prepared.candidates.keys, cuts, prepared.ties)
     return prepared
 
 
@@ -462,14 +494,19 @@ def _restored_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
 
 
 def _settled_write_job(piece: Piece, tuned_raw: np.ndarray, cand: _Candidates,
-                       variants: list[Variant], cuts: np.ndarray) -> list[tuple[int, float]]:
-    """:func:`_restored_write_job` once every k's cut is known and no ties are left to take:
-    the selections are then "key above the cut", decided here on a worker in one sweep
-    (``kernels.group_by_cut``), and each k patches only the elements the previous one did not.
+                       variants: list[Variant], cuts: np.ndarray,
+                       takes: np.ndarray) -> list[tuple[int, float]]:
+    """:func:`_restored_write_job` once every k's cut is known: the selections are then "key
+    above the cut, and the first ``takes`` keys equal to it" (the main thread has counted the
+    ties each k takes here), decided on a worker in one sweep (``kernels.group_by_cut``);
+    each k patches only the elements the previous one did not.
     """
+    if len(variants) >= 65535:  # the kernel numbers groups in 16 bits
+        raise AssertionError("more k's in one run than restore can group")
     order = np.empty(cand.keys.size, dtype=np.int64)
     bounds = np.empty(len(variants) + 2, dtype=np.int64)
-    kernels.group_by_cut(cand.keys, cuts, order, bounds)
+    if kernels.group_by_cut(cand.keys, cuts, takes, order, bounds):
+        raise AssertionError(f"{piece.name}: the k's selections are not nested")
     results = []
     restored, sum_r = 0, 0.0
     for g, v in enumerate(variants):
@@ -495,14 +532,16 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
     if selecting and groups:  # one write job per piece: it alone gives the buffers back
         raise AssertionError("k's and layer groups are never restored in one run")
     pool = _Workers(workers, lambda: _Buffers(size))
-    spares = _Spares(size * 8)  # room for float64 chunks
+    spares = _Spares(size)
     writes = _WriteQueue(pool, 4 * pool.workers, spares)
     ahead: deque[tuple[Piece, Future]] = deque()
 
     def submit(piece: Piece) -> None:
         low = _lowest_key(selecting) if selecting and piece.first is not None else None
+        cuts = _known_cuts(selecting) if low is not None else None
         ahead.append((piece, pool.submit(_prepare_piece, pool, spares, piece,
-                                         *tensors.ranges(piece), selection, low, bool(groups))))
+                                         *tensors.ranges(piece), selection, low, cuts,
+                                         bool(groups))))
 
     bar = tqdm(total=len(parts), desc="restore pass 2/2", unit="chunk", disable=not progress)
     todo: Iterator[Piece] = iter(parts)
@@ -526,10 +565,14 @@ def write_variants(tensors: CheckpointPair, parts: list[Piece], selection: Selec
                         if inside:
                             v.stats.add(piece.name, piece.stop - piece.start, prepared.sum_r)
                     writes.submit([], piece.name, prepared.buffers, _write_job, piece, plan)
-                if selecting and all(v.cut is not None and not v.ties_left for v in selecting):
-                    cuts = np.array([v.cut for v in selecting], dtype=np.int64)
+                if selecting and prepared.ties is not None:  # every cut known: count ties only
+                    takes = np.empty(len(selecting), dtype=np.int64)
+                    for j, v in enumerate(selecting):
+                        takes[j] = min(v.ties_left, int(prepared.ties[j]))
+                        v.ties_left -= int(takes[j])
                     writes.submit(selecting, piece.name, prepared.buffers, _settled_write_job,
-                                  piece, prepared.tuned_raw, prepared.candidates, selecting, cuts)
+                                  piece, prepared.tuned_raw, prepared.candidates, selecting,
+                                  _known_cuts(selecting), takes)
                 elif selecting:
                     picks = [(v, _select_chunk(v, piece, prepared.candidates,
                                                selection.strategy, writes)) for v in selecting]
@@ -564,7 +607,7 @@ def _select_chunk(v: Variant, piece: Piece, cand: _Candidates, strategy: str,
             v.early_left -= in_bin.size
             if in_bin.size:
                 # compact records: position in the tensor, int32 key, float32 r, raw base value
-                local = cand.pos[in_bin] + piece.start
+                local = cand.pos[in_bin].astype(np.int64) + piece.start
                 local = local.astype(np.int32) if local[-1] < 2**31 else local
                 v.candidates.append((piece.name, local, keys[in_bin], cand.r[in_bin],
                                      cand.base_raw[in_bin]))

@@ -1,7 +1,8 @@
 """Writing room of restore: streams tensors into safetensors shards laid out like the tuned model.
 
 Each output shard gets the tuned shard's file name, tensor names, dtypes, shapes and
-``__metadata__``. The file is preallocated from a header computed up front, then filled chunk
+``__metadata__``. The file is preallocated (its blocks reserved on disk, see
+:func:`preallocate`) from a header computed up front, then filled chunk
 by chunk with ``os.pwrite`` and patched in place through ``numpy.memmap``. Written by hand
 because safetensors' own ``save_file`` needs every tensor of a shard in memory at once, which
 would put one shard per requested k in RAM. Outputs live in a temp folder beside the final
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sftknow_eval.restore.reader import SAFETENSORS_INDEX, TensorInfo
-from sftknow_eval.write_behind import WriteBehind
+from sftknow_eval.write_behind import WriteBehind, preallocate
 
 TEMP_PREFIX = ".tmp-restore-"
 #: Files copied from the tuned model beside the weights (config, tokenizer, generation config).
@@ -67,7 +68,7 @@ class ShardedWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.write(fd, struct.pack("<Q", len(blob)) + blob)
-            os.ftruncate(fd, start + offset)
+            preallocate(fd, start + offset)
             self._fds[file] = fd
             self._behind[file] = WriteBehind(fd)
             for name in names:
