@@ -172,7 +172,9 @@ def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1,
                             wb.wrote(offset, n)
                     offset += n
             finally:
-                for o in files:
+                for o, wb in zip(files, behind, strict=True):
+                    if wb is not None:
+                        wb.close()
                     o.close()
 
 

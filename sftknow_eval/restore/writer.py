@@ -105,7 +105,8 @@ class ShardedWriter:
         del mapped
 
     def close(self) -> None:
-        for fd in self._fds.values():  # no fsync: atomicity comes from the folder rename
+        for file, fd in self._fds.items():  # no fsync: atomicity comes from the folder rename
+            self._behind[file].close()  # its background writes use the descriptor
             os.close(fd)
         self._fds.clear()
         self._behind.clear()
