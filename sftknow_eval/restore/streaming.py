@@ -21,8 +21,9 @@ Memory, whatever the model size: per worker the work buffers of one chunk of
 ``chunk_elements`` elements (up to 8 bytes each, times two inputs, plus candidates) and, in
 pass 1, a table of the 64 MB histogram plus 2 KB per count slot (at most 47 MB for five k's,
 see ``TieCounts``), beside two shared 32 MB bin maps; in pass 2 at most ``6 * workers``
-chunks read ahead or waiting to be written; per k the recorded early elements of its
-threshold bin (13-14 bytes each). Nothing is memory-mapped, so no shard's pages count.
+chunks read ahead or waiting to be written, each with its candidates (20 bytes per candidate,
+in buffers reused from a pool); per k the recorded early elements of its threshold bin (13-14
+bytes each). Nothing is memory-mapped, so no shard's pages count.
 """
 
 from __future__ import annotations
