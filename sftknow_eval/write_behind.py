@@ -13,37 +13,28 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 
 
-def _libc_sync_file_range():
-    """libc's sync_file_range (Linux only; the standard library has no binding), or None."""
+def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
+    """A function of Linux's libc (the standard library binds neither sync_file_range nor
+    fallocate; ``os.posix_fallocate`` falls back to writing zeros where the file system
+    cannot preallocate, which would double the writes), or None elsewhere."""
     if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True),
+                     name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-def _libc_fallocate():
-    """libc's fallocate (Linux only; ``os.posix_fallocate`` falls back to writing zeros where
-    the file system cannot preallocate, which would double the writes), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-_FALLOCATE = _libc_fallocate()
+_SYNC_FILE_RANGE = _libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+_FALLOCATE = _libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 _UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sftknow_eval.write_behind import WriteBehind
+from sftknow_eval.write_behind import WriteBehind, preallocate
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux")
 
@@ -73,3 +73,21 @@ def test_a_pipe_turns_it_off_instead_of_failing():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+@linux
+def test_preallocate_reserves_the_blocks_and_writes_fill_them(tmp_path):
+    path = tmp_path / "out.bin"
+    size = (4 << 20) + 123
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b"head")
+        preallocate(fd, size)
+        info = os.fstat(fd)
+        assert info.st_size == size
+        assert info.st_blocks * 512 >= size  # reserved on disk, not a sparse file
+        data = os.urandom(size - 4)
+        os.pwrite(fd, data, 4)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"head" + data
