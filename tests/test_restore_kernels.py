@@ -119,3 +119,43 @@ def test_the_python_form_of_load_widens_bf16_as_torch_does():
     got = np.array([kernels._load(bits, i) for i in range(64)], dtype=np.float32)
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
     assert kernels._load(want, 3) == want[3]
+
+
+def _groups_reference(keys, cuts, takes):
+    """Group of each key: the first k selecting it (keys above its cut, then its first
+    ``takes`` ties in order), written the slow way."""
+    taken = [0] * len(cuts)
+    groups = []
+    for key in keys:
+        chosen = []
+        for j, cut in enumerate(cuts):
+            tie = key == cut
+            chosen.append(key > cut or (tie and taken[j] < takes[j]))
+            taken[j] += tie and chosen[-1]
+        groups.append(chosen.index(True) if any(chosen) else len(cuts))
+    return np.array(groups)
+
+
+def test_count_ties_and_group_by_cut_take_ties_in_order():
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, 40, 5_000).astype(np.int32)  # few distinct keys: many ties
+    cuts = np.array([30, 30, 22, 10, 3], dtype=np.int64)  # two k's share a cut
+    ties = np.empty(cuts.size, dtype=np.int64)
+    kernels.count_ties(keys, cuts, ties)
+    np.testing.assert_array_equal(ties, [(keys == c).sum() for c in cuts])
+    takes = np.array([17, 60, 0, 5, ties[4]], dtype=np.int64)  # nested: 17 <= 60 at cut 30
+    order = np.empty(keys.size, dtype=np.int64)
+    bounds = np.empty(cuts.size + 2, dtype=np.int64)
+    assert kernels.group_by_cut(keys, cuts, takes, order, bounds) == 0
+    want = _groups_reference(keys.tolist(), cuts.tolist(), takes.tolist())
+    for g in range(cuts.size + 1):
+        np.testing.assert_array_equal(order[bounds[g]:bounds[g + 1]], np.flatnonzero(want == g))
+
+
+def test_group_by_cut_reports_selections_that_are_not_nested():
+    keys = np.array([5, 5, 5, 9], dtype=np.int32)
+    cuts = np.array([5, 5], dtype=np.int64)
+    takes = np.array([2, 1], dtype=np.int64)  # the smaller k takes more ties than the larger
+    order = np.empty(keys.size, dtype=np.int64)
+    bounds = np.empty(4, dtype=np.int64)
+    assert kernels.group_by_cut(keys, cuts, takes, order, bounds) == 1

@@ -288,11 +288,12 @@ def put_back(out, pos, base_raw, r, chosen):
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def count_ties(keys, cuts, out):
     """``out[j]`` = how many of ``keys`` equal ``cuts[j]`` (a chunk's ties at each k's cut)."""
-    out[:] = 0
-    for i in range(keys.size):
-        key = keys[i]
-        for j in range(cuts.size):
-            out[j] += key == cuts[j]
+    for j in range(cuts.size):  # one sweep per cut, each a vectorised count
+        cut = cuts[j]
+        count = 0
+        for i in range(keys.size):
+            count += keys[i] == cut
+        out[j] = count
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")

@@ -318,7 +318,9 @@ class _Candidates:
     ``pos`` holds their positions in the chunk (ascending, i.e. global order), the others their
     keys, r and raw base bits. Every k's selection in this chunk is a subset of these, so each
     k's work is on this fraction of the chunk (at most the largest k plus its threshold bin),
-    not on the whole chunk. They are found by one compiled sweep (``kernels.find_candidates``).
+    not on the whole chunk. They are found by one compiled sweep (``kernels.find_candidates``),
+    straight into a buffer of the pool (:class:`_Spares`) that goes back once the chunk is
+    written: whatever outlives the write job is copied out (``_select_chunk``'s records).
     """
 
     pos: np.ndarray
