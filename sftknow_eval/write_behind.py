@@ -76,7 +76,9 @@ class _Flusher:
         """Until every range ``owner`` handed over is on disk and dropped."""
         with self._cv:
             while owner._handed:
-                self._cv.wait()
+                if self._thread is None or not self._thread.is_alive():
+                    raise RuntimeError("the write-behind thread stopped with writes pending")
+                self._cv.wait(timeout=1.0)
 
     def _run(self) -> None:
         started: deque[tuple[WriteBehind, int, int]] = deque()
@@ -100,11 +102,16 @@ class _Flusher:
             while started and (started_bytes > self.depth or item is None):
                 owner, offset, length = started.popleft()
                 started_bytes -= length
-                if owner._sync(offset, length, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER):
-                    os.posix_fadvise(owner.fd, offset, length, os.POSIX_FADV_DONTNEED)
-                with self._cv:
-                    owner._handed -= 1
-                    self._cv.notify_all()
+                try:
+                    if owner._sync(offset, length,
+                                   _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER):
+                        os.posix_fadvise(owner.fd, offset, length, os.POSIX_FADV_DONTNEED)
+                except OSError as error:  # kept for the writer's next call
+                    owner._error = owner._error or error
+                finally:
+                    with self._cv:
+                        owner._handed -= 1
+                        self._cv.notify_all()
                 if item is None:
                     break
 

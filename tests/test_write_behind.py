@@ -91,3 +91,14 @@ def test_preallocate_reserves_the_blocks_and_writes_fill_them(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == b"head" + data
+
+
+@linux
+def test_an_error_on_the_background_thread_reaches_the_writer(tmp_path):
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    behind = WriteBehind(fd, lag=0)
+    os.close(fd)  # the flusher's sync_file_range now fails (EBADF)
+    behind.wrote(0, 4096)
+    with pytest.raises(OSError):
+        behind.close()
+    assert behind._handed == 0

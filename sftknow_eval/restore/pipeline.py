@@ -8,6 +8,7 @@ the disk check, statistics, cards, the atomic rename into place and the Hub push
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -311,7 +312,8 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     except BaseException:
         for v in variants:
             if v.writer is not None:
-                v.writer.close()
+                with contextlib.suppress(OSError):  # the first error is the one to report
+                    v.writer.close()
         raise
     finally:
         base.close()

@@ -105,11 +105,20 @@ class ShardedWriter:
         del mapped
 
     def close(self) -> None:
+        """Close every file, once its background writes are done (they use the descriptor);
+        raises the first write error met, after closing them all."""
+        error: OSError | None = None
         for file, fd in self._fds.items():  # no fsync: atomicity comes from the folder rename
-            self._behind[file].close()  # its background writes use the descriptor
-            os.close(fd)
+            try:
+                self._behind[file].close()
+            except OSError as failed:
+                error = error or failed
+            finally:
+                os.close(fd)
         self._fds.clear()
         self._behind.clear()
+        if error is not None:
+            raise error
 
     def write_index(self, source_index: dict | None) -> None:
         """Write model.safetensors.index.json when the tuned model had one (or several shards)."""
