@@ -62,15 +62,19 @@ class _Flusher:
     def submit(self, owner: WriteBehind, offset: int, length: int) -> None:
         with self._cv:
             while self._todo and self._todo_bytes + length > self.waiting:
-                self._cv.wait()
+                self._ensure_thread()
+                self._cv.wait(timeout=1.0)
             self._todo.append((owner, offset, length))
             self._todo_bytes += length
             owner._handed += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="write-behind",
-                                                 daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             self._cv.notify_all()
+
+    def _ensure_thread(self) -> None:
+        """Start the thread (first use, or after a fork, which leaves it behind)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+            self._thread.start()
 
     def wait_for(self, owner: WriteBehind) -> None:
         """Until every range ``owner`` handed over is on disk and dropped."""

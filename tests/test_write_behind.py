@@ -102,3 +102,27 @@ def test_an_error_on_the_background_thread_reaches_the_writer(tmp_path):
     with pytest.raises(OSError):
         behind.close()
     assert behind._handed == 0
+
+
+@linux
+def test_a_stopped_flusher_thread_is_started_again(tmp_path):
+    """After a fork the thread is gone from the child; the next handed range restarts it."""
+    import threading
+
+    from sftknow_eval import write_behind
+
+    gone = threading.Thread(target=lambda: None)
+    gone.start()
+    gone.join()
+    write_behind._FLUSHER._thread = gone
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        behind = WriteBehind(fd, lag=0)
+        os.pwrite(fd, b"x" * 8192, 0)
+        behind.wrote(0, 8192)
+        behind.close()
+        assert write_behind._FLUSHER._thread is not gone
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 8192
