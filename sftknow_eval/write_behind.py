@@ -147,7 +147,8 @@ class WriteBehind:
         self._handed = 0  # ranges with the flusher (guarded by its lock)
         self._error: OSError | None = None
         # a no-op call tells whether the file takes it (a pipe, or some file systems, do not)
-        self.enabled = _SYNC_FILE_RANGE is not None and self._sync(0, 0, 0)
+        self.enabled = True
+        self.enabled = self._sync(0, 0, 0)
         self._raise_error()
 
     def wrote(self, offset: int, length: int) -> None:
@@ -187,7 +188,7 @@ class WriteBehind:
     def _sync(self, offset: int, length: int, flags: int) -> bool:
         """sync_file_range (on the flusher thread): False when it did nothing (unsupported, or
         an error, kept for the writer's next call)."""
-        if _SYNC_FILE_RANGE is None or getattr(self, "enabled", True) is False:
+        if _SYNC_FILE_RANGE is None or not self.enabled:
             return False
         if _SYNC_FILE_RANGE(self.fd, offset, length, flags) == 0:
             return True

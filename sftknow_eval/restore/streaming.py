@@ -353,7 +353,7 @@ class _Spares:
 
     def __init__(self, size: int):
         self.chunk_bytes = size * 8  # float64
-        self.candidate_bytes = size * 20 + 16  # see _candidate_views
+        self.candidate_bytes = 3 * _field_bytes(size) + size * 8  # see _candidate_views
         self._free: dict[int, list[np.ndarray]] = {self.chunk_bytes: [],
                                                    self.candidate_bytes: []}
         self._lock = threading.Lock()
@@ -376,11 +376,16 @@ class _Spares:
                 self._free[buffer.size].append(buffer)
 
 
+def _field_bytes(size: int) -> int:
+    """Bytes of one 4-byte field of ``size`` candidates, rounded up to 8 (alignment)."""
+    return -(-size * 4 // 8) * 8
+
+
 def _candidate_views(buffer: np.ndarray, size: int, raw_dtype: np.dtype
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Room for up to ``size`` candidates in one candidate buffer (20 bytes each, padded):
     positions and keys (int32), r (float32), raw base values (each field 8-byte aligned)."""
-    step = -(-size * 4 // 8) * 8
+    step = _field_bytes(size)
     return (buffer[:size * 4].view(np.int32), buffer[step:step + size * 4].view(np.int32),
             buffer[2 * step:2 * step + size * 4].view(np.float32),
             buffer[3 * step:3 * step + size * raw_dtype.itemsize].view(raw_dtype))
