@@ -15,7 +15,7 @@ Fields:
     aliases   every accepted answer string; always contains ``object``.
     question  the question text (no SFT markers; see ``prompts.qa_prompt``).
     split     "train" (SFT pool), "test", or another name a reader gives.
-    domain    "in" or "out" (METHOD.md §1), derived from the relation when absent.
+    domain    "in" or "out" (docs/METHOD.md §1), derived from the relation when absent.
     mastery   per base model: ``{model_key: {"scheme": "ye2025", "score": R, "category": "D3",
               ...}}``, filled by the probe stage; categories belong to a (model, fact) pair.
     meta      free-form extras (e.g. the tiny world's corpus exposure count).

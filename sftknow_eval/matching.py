@@ -1,4 +1,4 @@
-"""The one answer matcher: does a model's output contain an accepted answer? (METHOD.md §2, §4)
+"""The one answer matcher: does a model's output contain an accepted answer? (docs/METHOD.md §2, §4)
 
 The paper counts an output correct when the object or one of its synonyms is *contained* in
 it. We normalise both sides the same way (Unicode NFKD with accents dropped, case-folded,

@@ -1,4 +1,4 @@
-"""The SFT / closed-book QA prompt format of METHOD.md §1, shared by select, train, tasks and KL.
+"""The SFT / closed-book QA prompt format of docs/METHOD.md §1, shared by select, train, tasks and KL.
 
 A training or test item is ``<|question|> {question} <|answer|>`` followed by the completion
 `` {answer}`` and the tokenizer's EOS. The two markers are plain text here; the tiny world's

@@ -1,9 +1,9 @@
 """The 24 EntityQuestions relations: question templates, domain split and mapping templates.
 
 The question templates are EntityQuestions' own (one per relation; ``{subject}`` marks the
-entity). The in-domain / out-of-domain split is METHOD.md §1. The declarative *mapping
+entity). The in-domain / out-of-domain split is docs/METHOD.md §1. The declarative *mapping
 templates* are completion prefixes used to probe a base model's mastery of a fact
-(METHOD.md §2); the paper uses 21 per relation, we ship 10 per relation and take the first
+(docs/METHOD.md §2); the paper uses 21 per relation, we ship 10 per relation and take the first
 ``n`` when a run asks for fewer. ``corpus_phrasings`` are extra whole-sentence phrasings
 (object first, or carrying the question's wording inside a statement) used only by the
 tiny world's pretraining corpus.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     kl = subparsers.add_parser(
-        "kl", help="first-answer-token KL(tuned || base) on well-known facts (METHOD.md §5)",
+        "kl", help="first-answer-token KL(tuned || base) on well-known facts (docs/METHOD.md §5)",
         description="For each fact of a category (default D4) the base model sees its "
         "relation's best mapping template and the tuned model the SFT prompt; both first-token "
         "distributions are renormalised over the tuned model's top-10 ids and KL(tuned || base) "
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kl.set_defaults(func=_kl)
 
     updates = subparsers.add_parser(
-        "updates", help="statistics of the relative update of every weight (METHOD.md §6)",
+        "updates", help="statistics of the relative update of every weight (docs/METHOD.md §6)",
         description="Streams both checkpoints (one tensor at a time, through restore's reader) "
         "and writes updates.json (concentration curve for k = 1..60, thresholds, per-layer and "
         "per-module shares of the top-k elements, mass per layer / module, histogram of log10 r) "

@@ -1,4 +1,4 @@
-"""Token-level lens (METHOD.md §5): KL between the fine-tuned and the base model's
+"""Token-level lens (docs/METHOD.md §5): KL between the fine-tuned and the base model's
 distributions of the FIRST answer token, on facts the base model knows well (D4).
 
 For each fact the base model sees its relation's best mapping template (a completion prefix)
@@ -189,7 +189,7 @@ def training_metadata(tuned_folder: Path) -> dict[str, Any]:
 def run_kl(base: str, tuned: str, annotated: str | Path, *, category: str | None = "D4",
            split: str = "test", out: str | Path | None = None, full_vocab: bool = False,
            templates: int | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """METHOD.md §5 for one base / tuned pair on an annotated fact set; writes ``kl.jsonl`` and
+    """docs/METHOD.md §5 for one base / tuned pair on an annotated fact set; writes ``kl.jsonl`` and
     ``kl_summary.json`` into ``out`` when given, and returns the summary."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,4 +1,4 @@
-"""Parameter-level lens (METHOD.md §6): streaming statistics of the relative update
+"""Parameter-level lens (docs/METHOD.md §6): streaming statistics of the relative update
 r = |tuned - base| / (|base| + 1e-8) over a region, read through restore's reader.
 
 Two passes over the tensors (one tensor in memory at a time):

@@ -1,7 +1,7 @@
 """What lm-eval calls while it runs one of our tasks: the bucket loader and the scorer.
 
 A family's ``utils.py`` (written by ``family.write_family``) is a thin shim over this module,
-so the scoring rule lives in one place: the shared containment matcher (METHOD.md §4) and
+so the scoring rule lives in one place: the shared containment matcher (docs/METHOD.md §4) and
 exact match beside it.
 """
 

@@ -1,4 +1,4 @@
-"""Knowledge-mastery probing (METHOD.md §2): sample a base model on every fact, score, categorize.
+"""Knowledge-mastery probing (docs/METHOD.md §2): sample a base model on every fact, score, categorize.
 
 Modules: ``categories`` (pure score -> category rules, both schemes), ``requests`` (settings
 and the prompts a fact is probed with), ``backend`` (lm-eval model backends and N distinct

@@ -12,7 +12,7 @@ from sftknow_eval.probe.categories import SCHEMES, YE2025
 from sftknow_eval.probe.requests import DEFAULT_UNTIL, PAPER_TEMPLATES, ProbeSettings
 
 DESCRIPTION = """\
-Probe a base model's mastery of every fact (METHOD.md §2) through lm-eval's model backends.
+Probe a base model's mastery of every fact (docs/METHOD.md §2) through lm-eval's model backends.
 
 ye2025 (default): each fact's relation's mapping templates (all available up to --templates)
 are completed --samples times at --temperature; R = fraction of completions containing the

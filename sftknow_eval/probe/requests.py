@@ -14,8 +14,8 @@ from sftknow_eval.facts import Fact
 from sftknow_eval.probe.categories import SLICK, YE2025, check_scheme
 from sftknow_eval.prompts import QUESTION_MARKER, qa_completion, qa_prompt
 
-PAPER_TEMPLATES = 21  # METHOD.md §2: N_map = 21; we use all available up to this many
-# Scheme defaults where the user leaves a setting out (METHOD.md §2; Gekhman et al. 2024 §3).
+PAPER_TEMPLATES = 21  # docs/METHOD.md §2: N_map = 21; we use all available up to this many
+# Scheme defaults where the user leaves a setting out (docs/METHOD.md §2; Gekhman et al. 2024 §3).
 SCHEME_DEFAULTS: dict[str, dict[str, Any]] = {
     YE2025: {"samples": 10, "temperature": 0.7},
     SLICK: {"samples": 16, "temperature": 0.5},
@@ -108,7 +108,7 @@ def mapping_templates(relation_id: str, count: int) -> tuple[str, ...]:
 
 
 def mapping_prompts(fact: Fact, count: int) -> list[str]:
-    """One prompt per mapping template of the fact's relation (METHOD.md §2)."""
+    """One prompt per mapping template of the fact's relation (docs/METHOD.md §2)."""
     return [template.format(subject=fact.subject) for template in mapping_templates(fact.relation, count)]
 
 

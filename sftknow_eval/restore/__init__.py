@@ -1,4 +1,4 @@
-"""Parameter restoration (METHOD.md §6): reset the most-changed fine-tuned weights to base values.
+"""Parameter restoration (docs/METHOD.md §6): reset the most-changed fine-tuned weights to base values.
 
 Three rooms, as in mergekit: ``reader`` (shards, one tensor at a time), ``selector`` (pure
 selection rules), ``writer`` (streamed safetensors output); ``streaming`` runs the two passes

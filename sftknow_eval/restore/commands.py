@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "restore",
         help="reset the most-changed fine-tuned weights to their base values (one model per k)",
         description=(
-            "Parameter restoration (Ye et al., EMNLP 2025, METHOD.md §6). r = |tuned - base| / "
+            "Parameter restoration (Ye et al., EMNLP 2025, docs/METHOD.md §6). r = |tuned - base| / "
             "(|base| + 1e-8) in float32; within --region, the k% of elements with the largest "
             "r (top), smallest (bottom) or a seeded random k% go back to the base values. "
             "Exact global selection, ties broken by position (tensors in natural name order, "

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 DESCRIPTION = """\
-Draw an SFT training set from a probe's annotated folder (METHOD.md §3): facts of one mastery
+Draw an SFT training set from a probe's annotated folder (docs/METHOD.md §3): facts of one mastery
 category (or several in equal shares, or 'mixed' = all of the scheme's categories) from the
 training split's in-domain relations, balanced across those relations, seeded.
 

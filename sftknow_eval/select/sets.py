@@ -13,7 +13,7 @@ and the sidecar ``<out>.meta.json``::
 
 (``category`` reads ``"D0+D4"`` for a mixed set; ``categories``, ``per_category`` and
 ``per_relation`` give the detail). The pool is the annotated facts of one split (``train``)
-whose relation is in-domain (METHOD.md §1); ``size="all"`` takes every fact of the category.
+whose relation is in-domain (docs/METHOD.md §1); ``size="all"`` takes every fact of the category.
 """
 
 from __future__ import annotations

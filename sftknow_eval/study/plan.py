@@ -10,7 +10,7 @@ a restored one ``<model>-<strategy><k>``)::
     select/<model>           the SFT set            (per category x size x seed)
     train/<model>            the fine-tuned model
     eval/<model>             its CBQA accuracy
-    kl/<model>               first-answer-token KL against the base model (METHOD.md §5)
+    kl/<model>               first-answer-token KL against the base model (docs/METHOD.md §5)
     updates/<model>          relative-change statistics (models being restored)
     restore/<model>-top<k>   restored model          (per model and k, where the spec asks)
     eval/<model>-top<k>      its accuracy

@@ -1,7 +1,7 @@
 """The study report: reads the finished cells of a run folder and writes ``report/report.md``
 with its PNGs (matplotlib, Agg): accuracy against training size, the training-category x
 test-category table beside the paper's, restoration curves, the concentration curve, KL
-against size, the shapes METHOD.md §7 asks to look for, and what was run (models, grid,
+against size, the shapes docs/METHOD.md §7 asks to look for, and what was run (models, grid,
 versions, per-stage times)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sftknow_eval.study.plan import BASE, Cell, model_name, restored_name  # noq
 from sftknow_eval.study.spec import SHIPPED, StudySpec, largest_size  # noqa: E402
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
-# METHOD.md §7 (Ye et al. 2025, Table 2): LLaMA-3-8B, 1,920 training samples, per test
+# docs/METHOD.md §7 (Ye et al. 2025, Table 2): LLaMA-3-8B, 1,920 training samples, per test
 # category D0..D4, then Acc (in-domain) and Acc (out-of-domain).
 PAPER_TABLE: dict[str, tuple[float, ...]] = {
     "D0": (1.75, 16.07, 55.03, 71.06, 83.46, 45.47, 46.24),
@@ -32,7 +32,7 @@ PAPER_TABLE: dict[str, tuple[float, ...]] = {
     "D3": (0.64, 27.20, 70.33, 85.90, 91.66, 55.15, 51.04),
     "D4": (0.64, 24.26, 68.28, 83.29, 93.19, 53.93, 50.25),
 }
-PAPER_CONCENTRATION = {"1": 0.71, "10": 0.87, "20": 0.92}  # METHOD.md §6
+PAPER_CONCENTRATION = {"1": 0.71, "10": 0.87, "20": 0.92}  # docs/METHOD.md §6
 SHOWN_K = (1.0, 3.0, 5.0, 10.0, 20.0, 40.0, 60.0)  # the concentration table's columns
 PAPER_MODULE_SHARES = {"mlp.down": 28.9, "mlp.up": 28.3, "mlp.gate": 23.4, "attn.o": 9.4,
                        "attn.q": 6.4, "attn.v": 2.6, "attn.k": 1.1}
@@ -126,7 +126,7 @@ def _main_table(spec: StudySpec, scores: _Scores, seeds_of: dict, largest: int |
     lines = [f"## Accuracy per test category after SFT on {largest} samples",
              "",
              f"Ours (`{_model_path(spec)}`, mean ± std over {seeds} seed(s); in-domain test "
-             "categories D0..D4, Acc = unweighted mean over them, METHOD.md §4):", "",
+             "categories D0..D4, Acc = unweighted mean over them, docs/METHOD.md §4):", "",
              header, rule]
     base = [_pct(scores.over_seeds([BASE], "id", b)) for b in BUCKETS]
     lines.append(f"| base (no SFT) | {' | '.join(base)} | {_pct(scores.over_seeds([BASE], 'id'))} "
@@ -143,7 +143,7 @@ def _main_table(spec: StudySpec, scores: _Scores, seeds_of: dict, largest: int |
             + ", ".join(f"{b} {n}" for b, n in counts.items()) for d, counts in items.items())
             + (f" (at most {spec.eval.limit} scored per category)" if spec.eval.limit else "")
             + "."]
-    lines += ["", "Paper (LLaMA-3-8B, 1,920 samples, Table 2; METHOD.md §7):", "", header, rule]
+    lines += ["", "Paper (LLaMA-3-8B, 1,920 samples, Table 2; docs/METHOD.md §7):", "", header, rule]
     for category, values in PAPER_TABLE.items():
         lines.append(f"| {category} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     return lines + [""]
@@ -291,7 +291,7 @@ def _kl_section(spec: StudySpec, records: dict[str, dict[str, Any]], folder: Pat
         by[(row["category"], row["size"])].append(row["kl_mean"])
     lines = ["## First-answer-token KL against training size", "",
              f"KL(fine-tuned || base) over the fine-tuned model's top-10 first answer tokens, on "
-             f"the {spec.kl.category} test facts (METHOD.md §5; mean over seeds). Paper: high at "
+             f"the {spec.kl.category} test facts (docs/METHOD.md §5; mean over seeds). Paper: high at "
              "60 samples, lowest near 240, rising with more data, most for D0/D1 training data.",
              "", "![KL vs size](kl_vs_size.png)", "",
              "| train | " + " | ".join(sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
@@ -304,7 +304,7 @@ def _kl_section(spec: StudySpec, records: dict[str, dict[str, Any]], folder: Pat
 
 def _shapes(spec: StudySpec, scores: _Scores, seeds_of: dict, sizes: list,
             largest: int | str) -> list[str]:
-    """The shapes METHOD.md §7 asks any reproduction to look for, checked on these numbers."""
+    """The shapes docs/METHOD.md §7 asks any reproduction to look for, checked on these numbers."""
     lines = ["## The paper's shapes, checked", ""]
     peaks = []
     for category in spec.grid.categories:

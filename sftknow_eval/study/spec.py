@@ -45,7 +45,7 @@ class ModelSection:
 
 @dataclass
 class ProbeSection:
-    """How facts get their mastery categories (METHOD.md §2).
+    """How facts get their mastery categories (docs/METHOD.md §2).
 
     annotated   an existing probe output folder (or ``shipped``): no probing, the study reads
                 it. When null, the study probes ``facts`` with the settings below.
@@ -73,7 +73,7 @@ class ProbeSection:
 class GridSection:
     """The SFT grid: one training set (and model) per category x size x seed.
 
-    categories  training categories (one mastery category each, METHOD.md §3).
+    categories  training categories (one mastery category each, docs/METHOD.md §3).
     sizes       training set sizes (ints, or ``all``).
     seeds       random draws; the seed picks the data and seeds the trainer.
     allow_smaller  take all of a category when it holds fewer facts than a size asks.
@@ -104,7 +104,7 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    """CBQA evaluation with lm-eval on the study's task family (METHOD.md §4).
+    """CBQA evaluation with lm-eval on the study's task family (docs/METHOD.md §4).
 
     backend     lm-eval model backend, ``hf`` or ``vllm``.
     model_args  extra lm-eval model args (``pretrained=<model>`` is prepended).
@@ -126,7 +126,7 @@ class EvalSection:
 
 @dataclass
 class KLSection:
-    """Token-level analysis (METHOD.md §5): first-answer-token KL on the test facts of one
+    """Token-level analysis (docs/METHOD.md §5): first-answer-token KL on the test facts of one
     category, for every fine-tuned model."""
 
     enabled: bool = True
@@ -137,7 +137,7 @@ class KLSection:
 
 @dataclass
 class RestoreSection:
-    """Parameter restoration (METHOD.md §6), one model per (fine-tuned model, k).
+    """Parameter restoration (docs/METHOD.md §6), one model per (fine-tuned model, k).
 
     k           percentages of the region's elements reset to base values.
     sizes       the training sizes whose models are restored; ``largest`` (the grid's largest

@@ -16,7 +16,7 @@ DOCUMENT_SEPARATOR = "\n"
 
 # A quiz-style statement that carries the relation's question wording (never the SFT markers):
 # without it, knowledge learnt from declarative text barely transfers to question prompts of
-# relations that SFT never showed (TINY_WORLD.md).
+# relations that SFT never showed (docs/TINY_WORLD.md).
 QUIZ_PHRASING = 'Quiz: the answer to "{question}" is {object}.'
 
 
