@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import platform
 from importlib import metadata
 
 TRACKED = ("sftknow-eval", "torch", "transformers", "tokenizers", "lm_eval", "trl", "datasets",
-           "huggingface_hub", "accelerate", "safetensors")
+           "huggingface-hub", "accelerate", "safetensors", "peft", "numpy", "numba")
 
 
 def library_versions() -> dict[str, str]:
-    """Installed version of each tracked library ("absent" when not installed)."""
-    found = {}
+    """Python's version and each tracked library's, from package metadata (importing them
+    would cost seconds); "absent" when not installed."""
+    found = {"python": platform.python_version()}
     for name in TRACKED:
         try:
             found[name] = metadata.version(name)

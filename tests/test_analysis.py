@@ -19,7 +19,7 @@ from sftknow_eval.analysis.kl import (
 from sftknow_eval.analysis.updates import update_statistics
 from sftknow_eval.errors import UserError
 from sftknow_eval.facts import write_jsonl
-from sftknow_eval.restore.regions import layer_of, module_of
+from sftknow_eval.weights.regions import layer_of, module_of
 from sftknow_eval.world.shipped import load_split, model_path
 
 
@@ -145,7 +145,7 @@ def _checkpoint_pair(folder, seed=0):
 
 
 def test_update_statistics_match_brute_force(tmp_path):
-    from sftknow_eval.restore.regions import natural_key
+    from sftknow_eval.weights.regions import natural_key
 
     base, tuned = _checkpoint_pair(tmp_path)
     stats = update_statistics(str(tmp_path / "base"), str(tmp_path / "tuned"),

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sftknow_eval.restore import RestoreConfig, kernels, restore, selector
-from sftknow_eval.restore.regions import natural_key, select_region
+from sftknow_eval.restore import RestoreConfig, restore
+from sftknow_eval.weights import topk as selector
+from sftknow_eval.weights.regions import natural_key, select_region
 
 LAYER_MATS = {
     "self_attn.q_proj.weight": (8, 8), "self_attn.k_proj.weight": (4, 8),
@@ -144,7 +145,7 @@ def test_exact_against_full_sort(tmp_path, case):
 
 @pytest.mark.parametrize("case", range(18))
 def test_exact_with_heavy_bins(tmp_path, case):
-    """Tiny heavy-bin thresholds force the exact-key counting path (ties decided on the spot)."""
+    """Many k's at once, over chunk sizes and worker counts (ties decided in the write pass)."""
     rng = np.random.default_rng(100 + case)
     dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
     strategy = ["top", "bottom", "random"][(case // 3) % 3]
@@ -154,7 +155,7 @@ def test_exact_with_heavy_bins(tmp_path, case):
     region = ["transformer", "all", "mlp"][case % 3]
     result = run(tmp_path, base, tuned, k=ks, strategy=strategy, region=region, seed=case,
                  shards=1 + case % 3, chunk=[1 << 22, 37, 64, 5][case % 4],
-                 heavy_bin_elements=[1, 3, 17, 200][case % 4])
+                 threads=[1, 2, 3, 2][case % 4])
     names = select_region(tuned, region, set(tuned))
     for k in ks:
         folder = result.folders[f"{strategy}{k:g}"]
@@ -187,8 +188,7 @@ def test_outputs_do_not_depend_on_worker_threads(tmp_path, case):
     for threads in (1, 2, 3):
         cfg = RestoreConfig(base=str(b), tuned=str(t), out=tmp_path / f"out{threads}", k=ks,
                             strategy=strategy, seed=case, progress=False, threads=threads,
-                            chunk_elements=[7, 64, 1000][case % 3],
-                            heavy_bin_elements=[2, None][case % 2])
+                            chunk_elements=[7, 64, 1000][case % 3])
         result = restore(cfg)
         results.append({name: _weights_and_stats(folder)
                         for name, folder in result.folders.items()})
@@ -201,50 +201,23 @@ def test_outputs_do_not_depend_on_worker_threads(tmp_path, case):
             assert torch.equal(got[name], want[name]), (k, name)
 
 
-def test_bins_near_expected_thresholds_are_counted_from_the_first_checkpoint():
-    """mark_near: the bins around each target's expected rank get exact per-key counts from
-    the round after next on, the elements counted before that become their early (recorded)
-    part, and the finished histogram still counts every element."""
-    total = 1 << 16
-    # base 1 and tuned 1 + m / 2**23 (exact in float32): r = m / 2**23, and the keys (r's bits)
-    # spread over 4096 bins, 16 elements each
-    m = 2**20 + torch.arange(total, dtype=torch.int64) * 97 % 2**17
-    base = torch.ones(total, dtype=torch.float32)
-    tuned = (1 + m.double() / 2**23).float()
-    keys = selector.score_keys(selector.relative_change(base, tuned), "top", 0, 0)
-    bins = keys >> selector.BIN_SHIFT
-    assert torch.unique(bins).numel() == 4096
-    n = total // 10  # the top 10%
-    ties = selector.TieCounts(total, heavy=total, targets=[n])
-    table = ties.new_table()
-
-    def count(start: int, stop: int, round_index: int) -> None:
-        sample = np.empty(-(-(stop - start) // selector.DETECT_STRIDE), dtype=np.int64)
-        kernels.count_keys(base.numpy()[start:stop], tuned.numpy()[start:stop], 0, start, 0,
-                           ties.target_for(round_index), table, sample)
-
-    # rounds 0 and 1 count the first 1/64 and the next 1/64; marks decided after round 0 go
-    # into round 2's map, so the split falls after round 1
-    seen, split = total // 64, total // 32
-    count(0, seen, 0)
-    ties.mark_near([table], seen)
-    marked = set(ties.slot_of)
-    ties.apply(0)
-    count(seen, split, 1)  # odd map: still unmarked
-    ties.apply(1)
-    count(split, total, 2)
-    hist = ties.finish([table])
-    order = torch.sort(keys[:seen], descending=True).values
-    expected_bin = int(order[round(n * seen / total) - 1]) >> selector.BIN_SHIFT
-    assert expected_bin in marked
-    assert len(marked) <= 2 * selector.NEAR_BINS + 1
-    assert set(ties.early) == marked
-    assert all(ties.early[b] == int((bins[:split] == b).sum()) for b in marked)
-    assert np.array_equal(hist, np.bincount(bins.numpy(), minlength=selector.NUM_BINS))
-    in_bin = bins == expected_bin
-    early, fine = ties.of_bin(expected_bin, int(in_bin.sum()))
-    assert early == int(in_bin[:split].sum())
-    later = keys[split:][in_bin[split:]] & (selector.FINE - 1)
-    assert np.array_equal(fine, np.bincount(later.numpy(), minlength=selector.FINE))
-    unmarked = next(b for b in torch.unique(bins).tolist() if b not in marked)
-    assert ties.of_bin(unmarked, 5) == (5, pytest.approx(np.zeros(selector.FINE)))
+def test_exact_cuts_from_bin_counts_match_a_full_sort():
+    """Histogram, then exact counts in the threshold bins only: every n's cut key and tie
+    allowance are those of a stable full sort, also where many keys tie at the cut."""
+    rng = np.random.default_rng(5)
+    keys = np.concatenate([rng.integers(0, 2**31, 5_000), rng.integers(2**30, 2**30 + 40, 20_000),
+                           np.full(3_000, 2**20)]).astype(np.int64)
+    rng.shuffle(keys)
+    counts = [1, 17, 4_000, 12_000, 24_999, 27_000, keys.size]
+    thresholds = selector.threshold_bins(
+        np.bincount(keys >> selector.BIN_SHIFT, minlength=selector.NUM_BINS), counts)
+    slots, bins = selector.slot_map(thresholds)
+    fine = np.zeros((len(bins), selector.FINE), dtype=np.int64)
+    for part in np.array_split(keys, 7):  # streamed in pieces
+        selector.count_fine(part, slots, fine)
+    order = np.lexsort((np.arange(keys.size), -keys))
+    for n, cut in zip(counts, selector.exact_cuts(thresholds, fine, slots), strict=True):
+        chosen = order[:n]
+        assert cut.key == keys[chosen[-1]]
+        assert cut.ties == int((keys[chosen] == cut.key).sum())
+        assert cut.n == n

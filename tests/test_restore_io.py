@@ -14,9 +14,9 @@ from test_restore_engine import load_dir, make_pair, run, save_model
 from sftknow_eval.cli import main as cli_main
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import RestoreConfig, restore
+from sftknow_eval.restore import passes as passes_module
 from sftknow_eval.restore import pipeline as pipeline_module
-from sftknow_eval.restore import streaming as streaming_module
-from sftknow_eval.restore.regions import (
+from sftknow_eval.weights.regions import (
     layer_of,
     module_of,
     parse_layer_groups,
@@ -212,18 +212,18 @@ def test_pickle_refused_unless_allowed(tmp_path, pair):
 
 def test_interrupted_run_leaves_nothing_complete_and_rerun_resumes(tmp_path, pair, monkeypatch):
     base, tuned = pair
-    real = streaming_module._resolve
+    real = passes_module._write_selected
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(streaming_module, "_resolve", crash)
+    monkeypatch.setattr(passes_module, "_write_selected", crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, base, tuned, k=[5, 10])
     out = tmp_path / "out"
     assert not (out / "top5").exists() and not (out / "top10").exists()
     assert any(p.name.startswith(".tmp-restore-") for p in out.iterdir())
-    monkeypatch.setattr(streaming_module, "_resolve", real)
+    monkeypatch.setattr(passes_module, "_write_selected", real)
     cfg = RestoreConfig(base=str(tmp_path / "base"), tuned=str(tmp_path / "tuned"), out=out,
                         k=[5, 10], progress=False)
     first = restore(cfg)

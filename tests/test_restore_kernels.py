@@ -1,4 +1,4 @@
-"""The compiled pass loops reproduce selector's torch definitions bit for bit."""
+"""The compiled pass loops reproduce the torch definitions of weights.topk bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sftknow_eval.restore import kernels, selector
+from sftknow_eval.weights import kernels
+from sftknow_eval.weights import topk as selector
 
 
 def raw_view(t: torch.Tensor) -> np.ndarray:
@@ -54,7 +55,7 @@ def test_candidates_match_torch_r_and_keys(dtype, strategy):
     pos, got_keys, got_r = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.float32)
     got_raw = np.empty(n, base_raw.dtype)
     count = kernels.find_candidates(
-        _inputs(base), _inputs(tuned), base_raw, kernels.STRATEGY_CODES[strategy], first,
+        _inputs(base), _inputs(tuned), base_raw, selector.STRATEGIES.index(strategy), first,
         selector.random_seed_term(7), low, pos, got_keys, got_r, got_raw)
     want = np.flatnonzero(keys >= low)
     assert count == want.size > 0
@@ -67,33 +68,27 @@ def test_candidates_match_torch_r_and_keys(dtype, strategy):
 
 
 @pytest.mark.parametrize("strategy", selector.STRATEGIES)
-def test_count_keys_fills_histogram_and_marked_slots(strategy):
+def test_histogram_and_exact_counts_in_chosen_bins(strategy):
     base, tuned = _pair(torch.bfloat16, 30_000, seed=5)
     r = selector.relative_change(base, tuned)
     keys = selector.score_keys(r, strategy, 0, 1).numpy().astype(np.int64)
     bins = keys >> selector.BIN_SHIFT
-    ties = selector.TieCounts(keys.size, heavy=1 << 30, targets=[100])
-    marked = np.unique(bins[::101])[:5]
-    ties.mark_bins(marked)
-    ties.apply(0)
-    table = ties.new_table()
-    sample = np.full(-(-keys.size // selector.DETECT_STRIDE), -1, np.int64)
-    total = kernels.count_keys(_inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy],
-                               0, selector.random_seed_term(1), ties.target_for(0), table,
-                               sample)
+    code, seed_term = selector.STRATEGIES.index(strategy), selector.random_seed_term(1)
+    hist = np.zeros(selector.NUM_BINS, np.int64)
+    total = kernels.histogram(_inputs(base), _inputs(tuned), code, 0, seed_term, hist)
     assert total == pytest.approx(float(r.double().sum()), rel=1e-12)
-    np.testing.assert_array_equal(sample, bins[::selector.DETECT_STRIDE])
-    want_hist = np.bincount(bins, minlength=selector.NUM_BINS).astype(np.float64)
-    is_marked = np.isin(bins, marked)
-    want_hist[marked] = 0
-    np.testing.assert_array_equal(table[:selector.NUM_BINS], want_hist)
-    slots = table[selector.NUM_BINS:].reshape(-1, selector.FINE)
-    for slot, b in enumerate(marked.tolist()):
+    np.testing.assert_array_equal(hist, np.bincount(bins, minlength=selector.NUM_BINS))
+    counted = np.unique(bins[::101])[:5]
+    slots = np.full(selector.NUM_BINS, -1, np.int32)
+    slots[counted] = np.arange(counted.size)
+    fine = np.zeros(counted.size * selector.FINE, np.int64)
+    kernels.count_in_bins(_inputs(base), _inputs(tuned), code, 0, seed_term,
+                          int(counted[0]) << selector.BIN_SHIFT, slots, fine)
+    for slot, b in enumerate(counted.tolist()):
         low = keys[bins == b] & (selector.FINE - 1)
-        np.testing.assert_array_equal(slots[slot], np.bincount(low, minlength=selector.FINE))
-    assert slots[len(marked):].sum() == 0
-    assert table.sum() == keys.size and is_marked.any()
-    assert not ties.target_for(1).any()  # not applied there
+        np.testing.assert_array_equal(fine.reshape(-1, selector.FINE)[slot],
+                                      np.bincount(low, minlength=selector.FINE))
+    assert fine.sum() == np.isin(bins, counted).sum() > 0
 
 
 @pytest.mark.parametrize("strategy", ["top", "bottom"])
@@ -103,13 +98,11 @@ def test_nan_inputs_make_the_sum_nan_and_stay_inside_the_table(strategy):
     base, tuned = _pair(torch.bfloat16, 1_000, seed=9)
     tuned[10] = float("nan")
     base[20] = float("-inf")
-    table = np.zeros(selector.NUM_BINS, np.float64)
-    target = np.zeros(selector.NUM_BINS, dtype=np.int32)
-    sample = np.zeros(16, np.int64)
-    total = kernels.count_keys(_inputs(base), _inputs(tuned), kernels.STRATEGY_CODES[strategy],
-                               0, 0, target, table, sample)
+    hist = np.zeros(selector.NUM_BINS, np.int64)
+    total = kernels.histogram(_inputs(base), _inputs(tuned), selector.STRATEGIES.index(strategy),
+                              0, 0, hist)
     assert np.isnan(total)
-    assert 1_000 - 2 <= table.sum() <= 1_000 - 1  # the -inf element's NaN is never counted
+    assert 1_000 - 2 <= hist.sum() <= 1_000 - 1  # the -inf element's NaN is never counted
 
 
 def test_the_python_form_of_load_widens_bf16_as_torch_does():

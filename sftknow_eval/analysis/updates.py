@@ -1,13 +1,15 @@
 """Parameter-level lens (docs/METHOD.md §6): streaming statistics of the relative update
-r = |tuned - base| / (|base| + 1e-8) over a region, read through restore's reader.
+r = |tuned - base| / (|base| + 1e-8) over a region, read through the weights layer.
 
-Two passes over the tensors (one tensor in memory at a time):
-1. a fine histogram of r (counts and sums per bin of r's float32 bit pattern, which orders
-   non-negative floats) plus the mass per layer and module;
-2. for each k, the elements of its threshold bin are gathered and ordered exactly (by r
-   descending, then global element index: restore's tie-break), which makes the
-   concentration (share of summed r held by the top k% elements) and the per-layer /
-   per-module shares of the top-k elements exactly what a full in-memory sort gives.
+Three passes over the tensors (one tensor in memory at a time), with restore's exact top-k
+(``weights.topk``: r descending, ties to the lower global element index):
+1. a histogram of r's float32 bit pattern (counts and sums per bin; bit patterns of
+   non-negative floats sort like the floats), the mass per layer and module, and a log10 r
+   histogram;
+2. exact per-key counts inside each k's threshold bin, which give each k's exact cut; the
+   concentration (share of summed r held by the top k% elements) and threshold follow;
+3. for the share k's, per tensor, the elements above each cut and at it, which give the
+   per-layer / per-module shares of the top-k elements exactly.
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from sftknow_eval.errors import UserError
-from sftknow_eval.restore.pipeline import preflight
-from sftknow_eval.restore.reader import Checkpoint, resolve_model
-from sftknow_eval.restore.regions import layer_of, module_of, select_region
-from sftknow_eval.restore.selector import count_to_select, relative_change, validate_k
+from sftknow_eval.weights import topk
+from sftknow_eval.weights.checkpoint import Checkpoint, preflight, resolve_model
+from sftknow_eval.weights.regions import layer_of, module_of, select_region
 
-BIN_SHIFT = 10  # 2^21 bins over the 31 bits of a non-negative float32
 CONCENTRATION_KS = tuple(range(1, 61))
 SHARE_KS = (1, 5, 10, 20)
 LOG10_RANGE = (-10.0, 10.0)  # values outside are counted in the edge bins
@@ -46,24 +48,83 @@ class _Tensors:
         self.names = select_region(self.tuned.tensors, region, floats)
         if not self.names:
             raise UserError(f"region {region!r} holds no tensors of {tuned}")
-        self.offsets = []
-        total = 0
-        for name in self.names:
-            self.offsets.append(total)
-            total += self.tuned.tensors[name].numel
-        self.total = total
+        self.total = sum(self.tuned.tensors[name].numel for name in self.names)
 
-    def relative_changes(self, desc: str, progress: bool):
-        for index, name in enumerate(tqdm(self.names, desc=desc, unit="tensor",
-                                          disable=not progress)):
-            r = relative_change(self.base.tensor(name), self.tuned.tensor(name))
+    def keys(self, desc: str, progress: bool) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
+        """Each tensor's name, r and keys (r's bits as int64), in order."""
+        for name in tqdm(self.names, desc=desc, unit="tensor", disable=not progress):
+            r = topk.relative_change(self.base.tensor(name), self.tuned.tensor(name))
             if not torch.isfinite(r).all():
                 raise UserError(f"tensor {name}: NaN or Inf in the base or tuned weights")
-            yield index, name, r
+            yield name, r, r.view(torch.int32).numpy().astype(np.int64)
 
 
-def _bins(r: torch.Tensor) -> torch.Tensor:
-    return (r.view(torch.int32) >> BIN_SHIFT).long()
+def _histogram(pair: _Tensors, progress: bool) -> dict[str, Any]:
+    """Pass 1: counts and sums of r per bin, mass per layer and module, log10 r histogram."""
+    counts = np.zeros(topk.NUM_BINS, dtype=np.int64)
+    sums = np.zeros(topk.NUM_BINS, dtype=np.float64)
+    mass_layer: dict[str, float] = defaultdict(float)
+    mass_module: dict[str, float] = defaultdict(float)
+    log_hist = torch.zeros(LOG10_BINS, dtype=torch.float64)
+    for name, r, keys in pair.keys("updates: histogram", progress):
+        bins, r64 = keys >> topk.BIN_SHIFT, r.double()
+        counts += np.bincount(bins, minlength=topk.NUM_BINS)
+        sums += np.bincount(bins, weights=r64.numpy(), minlength=topk.NUM_BINS)
+        mass = float(r64.sum())
+        mass_layer[str(layer_of(name))] += mass
+        mass_module[module_of(name)] += mass
+        log_r = torch.log10(r64).clamp(*LOG10_RANGE)  # log10(0) = -inf -> lowest bin
+        log_hist += torch.histc(log_r, bins=LOG10_BINS, min=LOG10_RANGE[0], max=LOG10_RANGE[1])
+    return {"counts": counts, "sums": sums, "mass_layer": mass_layer,
+            "mass_module": mass_module, "log_hist": log_hist}
+
+
+def _cuts(pair: _Tensors, counts: np.ndarray, ks: list[float],
+          progress: bool) -> tuple[dict[float, topk.Cut], np.ndarray, np.ndarray]:
+    """Pass 2: each k's exact cut (k's that select nothing are left out), plus the slot map
+    and the threshold bins' per-key counts."""
+    wanted = {k: topk.count_to_select(pair.total, k) for k in ks}
+    wanted = {k: n for k, n in wanted.items() if n > 0}
+    thresholds = topk.threshold_bins(counts, list(wanted.values()))
+    slots, bins = topk.slot_map(thresholds)
+    fine = np.zeros((len(bins), topk.FINE), dtype=np.int64)
+    for _, _, keys in pair.keys("updates: exact counts", progress):
+        topk.count_fine(keys, slots, fine)
+    cuts = topk.exact_cuts(thresholds, fine, slots)
+    return dict(zip(wanted, cuts, strict=True)), slots, fine
+
+
+def _top_sum(cut: topk.Cut, sums: np.ndarray, slots: np.ndarray, fine: np.ndarray) -> float:
+    """Summed r of the top n elements: higher bins, higher keys of the bin, the ties taken."""
+    tb, low = cut.key >> topk.BIN_SHIFT, cut.key & (topk.FINE - 1)
+    in_bin = fine[slots[tb]]
+    keys = (tb << topk.BIN_SHIFT) + np.arange(low + 1, topk.FINE)
+    higher = float((in_bin[low + 1:] * topk.key_to_r(keys, "top").astype(np.float64)).sum())
+    return float(sums[tb + 1:].sum()) + higher + cut.ties * topk.key_to_r(cut.key, "top")
+
+
+def _per_tensor(pair: _Tensors, cuts: list[topk.Cut], progress: bool) -> list[list[int]]:
+    """Pass 3: per cut, the top-n elements in each tensor (ties to the first in order)."""
+    left = [cut.ties for cut in cuts]
+    out: list[list[int]] = [[] for _ in cuts]
+    for _, _, keys in pair.keys("updates: shares", progress):
+        for j, cut in enumerate(cuts):
+            ties = min(left[j], int((keys == cut.key).sum()))
+            left[j] -= ties
+            out[j].append(int((keys > cut.key).sum()) + ties)
+    return out
+
+
+def _shares(names: list[str], per_tensor: list[int], n: int) -> tuple[dict, dict]:
+    by_layer: dict[str, int] = defaultdict(int)
+    by_module: dict[str, int] = defaultdict(int)
+    for name, count in zip(names, per_tensor, strict=True):
+        by_layer[str(layer_of(name))] += count
+        by_module[module_of(name)] += count
+    layers = {key: v / n for key, v in sorted(by_layer.items(),
+                                             key=lambda item: _layer_order(item[0]))}
+    modules = {key: v / n for key, v in sorted(by_module.items(), key=lambda item: -item[1])}
+    return layers, modules
 
 
 def update_statistics(base: str, tuned: str, *, region: str = "transformer",
@@ -72,88 +133,27 @@ def update_statistics(base: str, tuned: str, *, region: str = "transformer",
     """Concentration curve, threshold per k, per-layer / per-module shares of the top-k
     elements, the mass of r per layer / module, and a histogram of log10 r."""
     for k in (*concentration_ks, *share_ks):
-        validate_k(k)
+        topk.validate_k(k)
     pair = _Tensors(base, tuned, region)
-    bins_total = 1 << (31 - BIN_SHIFT)
-    counts = torch.zeros(bins_total, dtype=torch.int64)
-    sums = torch.zeros(bins_total, dtype=torch.float64)
-    mass_layer: dict[str, float] = defaultdict(float)
-    mass_module: dict[str, float] = defaultdict(float)
-    log_hist = torch.zeros(LOG10_BINS, dtype=torch.float64)
-    for _, name, r in pair.relative_changes("updates: histogram", progress):
-        b, r64 = _bins(r), r.double()
-        counts += torch.bincount(b, minlength=bins_total)
-        sums += torch.bincount(b, weights=r64, minlength=bins_total)
-        mass = float(r64.sum())
-        mass_layer[str(layer_of(name))] += mass
-        mass_module[module_of(name)] += mass
-        log_r = torch.log10(r64).clamp(*LOG10_RANGE)  # log10(0) = -inf -> lowest bin
-        log_hist += torch.histc(log_r, bins=LOG10_BINS, min=LOG10_RANGE[0], max=LOG10_RANGE[1])
-    total_sum = float(sums.sum())
-
-    # Per k: the threshold bin and how many of its elements the top-n takes.
-    above = counts.flip(0).cumsum(0).flip(0) - counts  # elements in bins strictly higher
-    plan: dict[float, tuple[int, int, int]] = {}
-    for k in sorted({*concentration_ks, *share_ks}):
-        n = count_to_select(pair.total, k)
-        if n == 0:
-            plan[k] = (bins_total, 0, 0)
-            continue
-        tb = int(torch.nonzero((above < n) & (above + counts >= n)).max())
-        plan[k] = (tb, n - int(above[tb]), n)
-    wanted = {tb for tb, take, _ in plan.values() if take}
-
-    # Pass 2: the threshold bins' elements (value, global index, tensor) and sure counts.
-    candidates: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = defaultdict(list)
-    sure: dict[float, list[int]] = {k: [0] * len(pair.names) for k in share_ks}
-    for index, _, r in pair.relative_changes("updates: top-k", progress):
-        b = _bins(r)
-        for k in share_ks:
-            sure[k][index] = int((b > plan[k][0]).sum())
-        for tb in wanted:
-            hit = torch.nonzero(b == tb).flatten()
-            if hit.numel():
-                candidates[tb].append((r[hit].clone(), hit + pair.offsets[index],
-                                       torch.full_like(hit, index)))
-
-    ordered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for tb, parts in candidates.items():
-        values = torch.cat([p[0] for p in parts]).double()
-        positions = torch.cat([p[1] for p in parts])
-        owners = torch.cat([p[2] for p in parts])
-        # Stable sort by position, then by value descending: ties keep the lower position first.
-        by_position = torch.argsort(positions, stable=True)
-        order = by_position[torch.argsort(-values[by_position], stable=True)]
-        ordered[tb] = (values[order], owners[order])
-
+    hist = _histogram(pair, progress)
+    total_sum = float(hist["sums"].sum())
+    cuts, slots, fine = _cuts(pair, hist["counts"], sorted({*concentration_ks, *share_ks}),
+                              progress)
     concentration, thresholds = {}, {}
     for k in concentration_ks:
-        tb, take, n = plan[k]
-        top_sum = float(sums[tb + 1:].sum()) if tb < bins_total else 0.0
-        if take:
-            values, _ = ordered[tb]
-            top_sum += float(values[:take].sum())
-            thresholds[str(k)] = float(values[take - 1])
-        concentration[str(k)] = top_sum / total_sum if total_sum > 0 else 0.0
-
+        top = _top_sum(cuts[k], hist["sums"], slots, fine) if k in cuts else 0.0
+        concentration[str(k)] = top / total_sum if total_sum > 0 else 0.0
+        if k in cuts:
+            thresholds[str(k)] = topk.key_to_r(cuts[k].key, "top")
+    share_cuts = [k for k in share_ks if k in cuts]
+    counted = _per_tensor(pair, [cuts[k] for k in share_cuts], progress)
     layer_shares, module_shares = {}, {}
     for k in share_ks:
-        tb, take, n = plan[k]
-        per_tensor = list(sure[k])
-        if take:
-            for owner in ordered[tb][1][:take].tolist():
-                per_tensor[owner] += 1
-        by_layer: dict[str, int] = defaultdict(int)
-        by_module: dict[str, int] = defaultdict(int)
-        for name, count in zip(pair.names, per_tensor, strict=True):
-            by_layer[str(layer_of(name))] += count
-            by_module[module_of(name)] += count
-        layer_shares[str(k)] = {key: v / n if n else 0.0 for key, v in sorted(
-            by_layer.items(), key=lambda item: _layer_order(item[0]))}
-        module_shares[str(k)] = {key: v / n if n else 0.0 for key, v in sorted(
-            by_module.items(), key=lambda item: -item[1])}
-
+        per_tensor = counted[share_cuts.index(k)] if k in cuts else [0] * len(pair.names)
+        layer_shares[str(k)], module_shares[str(k)] = _shares(pair.names, per_tensor,
+                                                              max(1, cuts[k].n if k in cuts else 1))
     step = (LOG10_RANGE[1] - LOG10_RANGE[0]) / LOG10_BINS
+    mass_layer, mass_module = hist["mass_layer"], hist["mass_module"]
     return {
         "base": base, "tuned": tuned, "base_revision": pair.base_model.revision,
         "tuned_revision": pair.tuned_model.revision, "region": region,
@@ -166,7 +166,7 @@ def update_statistics(base: str, tuned: str, *, region: str = "transformer",
         "mass_share_by_module": {k: v / total_sum for k, v in mass_module.items()}
         if total_sum else {},
         "log10_r_histogram": {"edges": [LOG10_RANGE[0] + i * step for i in range(LOG10_BINS + 1)],
-                              "counts": [int(c) for c in log_hist.tolist()]},
+                              "counts": [int(c) for c in hist["log_hist"].tolist()]},
     }
 
 

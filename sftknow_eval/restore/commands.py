@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.pipeline import DEFAULT_K, RestoreConfig, restore
-from sftknow_eval.restore.regions import REGIONS
+from sftknow_eval.weights.regions import REGIONS
 
 
 def _k_list(text: str) -> list[float]:

@@ -1,7 +1,7 @@
-"""The restore engine: resolve and preflight both models, run the two passes, finish outputs.
+"""The restore engine: resolve and preflight both models, run the passes, finish outputs.
 
 Usable from Python without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
-The passes themselves (what they read, decide and keep in memory) live in ``streaming``; this
+The passes themselves (what they read, decide and keep in memory) live in ``passes``; this
 module owns everything around them: argument checks, resuming and skipping finished variants,
 the disk check, statistics, cards, the atomic rename into place and the Hub push.
 """
@@ -12,49 +12,45 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from sftknow_eval.errors import UserError
-from sftknow_eval.restore import selector
 from sftknow_eval.restore.card import build_card
-from sftknow_eval.restore.reader import Checkpoint, ResolvedModel, read_config, resolve_model
-from sftknow_eval.restore.regions import (
+from sftknow_eval.restore.passes import (
+    CheckpointPair,
+    Selection,
+    Variant,
+    exact_cuts,
+    pieces,
+    scan,
+    write_variants,
+)
+from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
+from sftknow_eval.versions import library_versions
+from sftknow_eval.weights import topk
+from sftknow_eval.weights.checkpoint import Checkpoint, ResolvedModel, preflight, resolve_model
+from sftknow_eval.weights.regions import (
     in_layer_group,
     natural_key,
     parse_layer_groups,
     region_pattern,
     select_region,
 )
-from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
-from sftknow_eval.restore.streaming import (
-    CheckpointPair,
-    Selection,
-    Variant,
-    pieces,
-    scan,
-    write_variants,
-)
-from sftknow_eval.restore.writer import (
+from sftknow_eval.weights.writer import (
     ShardedWriter,
     clean_stale_temps,
     commit_folder,
     copy_aux_files,
     new_temp_folder,
 )
-from sftknow_eval.versions import library_versions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = (1.0, 3.0, 5.0, 10.0, 20.0)
 CONFIG_FILE = "restore_config.json"
-_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
 @dataclass
@@ -78,7 +74,6 @@ class RestoreConfig:
     chunk_elements: int = 1 << 20
     progress: bool = True
     threads: int = 0  # worker threads; 0: one per core, at most 2
-    heavy_bin_elements: int | None = None  # None: max(2**18, region elements / 2**14)
 
 
 @dataclass
@@ -93,12 +88,6 @@ class RestoreResult:
 
 def variant_name(strategy: str, k: float) -> str:
     return f"{strategy}{k:g}"
-
-
-def _versions() -> dict[str, str]:
-    """Library versions from package metadata (importing transformers would cost a second)."""
-    return {"python": platform.python_version(), "numpy": np.__version__,
-            **library_versions()}
 
 
 def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
@@ -118,28 +107,6 @@ def _fingerprint(cfg: RestoreConfig, base: ResolvedModel, tuned: ResolvedModel,
             **_settings(cfg, variant), "chunk_independent": True}
 
 
-def preflight(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Same architecture, tensor names, shapes and dtypes; the error names the first mismatch."""
-    cb, ct = read_config(base.folder), read_config(tuned.folder)
-    for key in _ARCH_KEYS:
-        if key in cb and key in ct and cb[key] != ct[key]:
-            raise UserError(f"architectures differ: config.json {key} is {cb[key]!r} in the base "
-                            f"model and {ct[key]!r} in the fine-tuned model")
-    names = sorted(set(base.tensors) | set(tuned.tensors), key=natural_key)
-    for name in names:
-        if name not in base.tensors:
-            raise UserError(f"tensor {name} is in the fine-tuned model but missing from the base")
-        if name not in tuned.tensors:
-            raise UserError(f"tensor {name} is in the base model but missing from the fine-tuned")
-        b, t = base.tensors[name], tuned.tensors[name]
-        if b.shape != t.shape:
-            raise UserError(f"tensor {name}: shape {list(b.shape)} in the base model but "
-                            f"{list(t.shape)} in the fine-tuned model")
-        if b.dtype != t.dtype:
-            raise UserError(f"tensor {name}: dtype {b.dtype} in the base model but {t.dtype} in "
-                            "the fine-tuned model")
-
-
 def _check_disk(out: Path, need: int) -> None:
     probe = out
     while not probe.exists():
@@ -154,40 +121,11 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
     """Run a restoration end to end (see the module docstring); returns where the variants went.
 
     The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2; see
-    ``streaming``). Restore never imports torch for safetensors checkpoints.
+    ``passes``). Restore never imports torch for safetensors checkpoints.
     """
-    _tune_malloc()
-    return _restore(cfg)
-
-
-def _tune_malloc() -> None:
-    """glibc only, best effort: fix malloc's mmap and trim thresholds for the run.
-
-    By default glibc moves the mmap threshold with every large free and trims the heap on
-    free; per-chunk arrays (megabytes each, thousands of chunks) then either fragment the heap
-    (peak RSS grew with the model) or come back as fresh pages each time, which the kernel
-    must zero (pass 2 with five k's: 3.3 M page faults, against 0.3 M now). Fixed at 32 MiB /
-    512 MiB, freed chunk arrays are reused from the heap; nothing per chunk is larger than
-    32 MiB.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or platform.system() != "Linux":
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (also turns off its dynamic raising)
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-
-
-def _restore(cfg: RestoreConfig) -> RestoreResult:
     strategy = cfg.strategy
-    if strategy not in selector.STRATEGIES:
-        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(selector.STRATEGIES)}")
+    if strategy not in topk.STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(topk.STRATEGIES)}")
     if cfg.threads < 0:
         raise UserError(f"--threads {cfg.threads}: use 0 (one per core, at most 2) or a "
                         "positive number of worker threads")
@@ -195,7 +133,7 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
         raise UserError(f"--chunk-elements {cfg.chunk_elements}: use 1 to {2**31 - 1}")
     if cfg.layers and cfg.k:
         raise UserError("--layers restores whole layer groups; do not combine it with --k")
-    ks = [] if cfg.layers else [selector.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]
+    ks = [] if cfg.layers else [topk.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]
     groups = parse_layer_groups(cfg.layers) if cfg.layers else []
     region_pattern(cfg.region)
     out = Path(cfg.out)
@@ -219,7 +157,7 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
 
     variants: list[Variant] = []
     for k in dict.fromkeys(ks):
-        n = selector.count_to_select(total, k)
+        n = topk.count_to_select(total, k)
         if n == 0:
             raise UserError(f"--k {k:g}: {k:g}% of the region's {total} elements is less than one")
         variants.append(Variant(variant_name(strategy, k), k=k))
@@ -270,18 +208,15 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
          tuned_model: ResolvedModel, region: list[str], region_set: set[str],
          starts: dict[str, int], total: int, variants: list[Variant], out: Path,
          result: RestoreResult) -> None:
-    strategy = cfg.strategy
     selecting = [v for v in variants if v.k is not None]
-    selection = Selection(region_set, starts, total, strategy, cfg.seed)
-    workers = _workers(cfg.threads)
-    # natural name order in both passes: region tensors then come in global element order,
-    # which the tie-break (lower global index first) and the early/late split rely on
+    selection = Selection(region_set, starts, total, cfg.strategy, cfg.seed)
+    workers, size = _workers(cfg.threads), cfg.chunk_elements
+    # natural name order in every pass: region tensors then come in global element order,
+    # which the tie-break (lower global index first) relies on
     order = sorted(tuned.tensors, key=natural_key)
-    tensors = CheckpointPair(base, tuned)
-
-    targets = [selector.count_to_select(total, v.k) for v in selecting]
-    scanned = scan(tensors, pieces(tuned, order, selection, cfg.chunk_elements, True), selection,
-                   targets, workers, cfg.chunk_elements, cfg.heavy_bin_elements, cfg.progress)
+    pair = CheckpointPair(base, tuned)
+    floats = pieces(tuned, order, selection, size, True)
+    scanned = scan(pair, floats, selection, bool(selecting), workers, size, cfg.progress)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
         message = (f"the fine-tuned and base models are {what} ({cfg.region!r}): nothing to "
@@ -291,15 +226,12 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         result.folders.clear()
         return
     if selecting:
-        hist, ties = scanned.hist, scanned.ties
-        thresholds = selector.threshold_bins(hist, targets)
-        for v, th in zip(selecting, thresholds, strict=True):
-            v.threshold = th
-            v.bin_total = int(hist[th.bin])
-            v.early_left, v.late_counts = ties.of_bin(th.bin, v.bin_total)
-        del hist, ties
-    scanned.hist = scanned.ties = None
-
+        thresholds = topk.threshold_bins(
+            scanned.hist, [topk.count_to_select(total, v.k) for v in selecting])
+        scanned.hist = None
+        cuts = exact_cuts(pair, floats, selection, thresholds, workers, size, cfg.progress)
+        for v, cut in zip(selecting, cuts, strict=True):
+            v.cut, v.threshold_r = cut, topk.key_to_r(cut.key, cfg.strategy)
     layout = tuned.output_layout()
     for v in variants:
         v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
@@ -307,8 +239,8 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         v.folder = new_temp_folder(out, v.name)
         v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
     try:
-        write_variants(tensors, pieces(tuned, order, selection, cfg.chunk_elements, False),
-                       selection, variants, workers, cfg.chunk_elements, cfg.progress)
+        write_variants(pair, pieces(tuned, order, selection, size, False), selection, variants,
+                       workers, size, cfg.progress)
     except BaseException:
         for v in variants:
             if v.writer is not None:
@@ -318,6 +250,10 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     finally:
         base.close()
         tuned.close()
+    for v in variants:
+        for name in region if v.group is not None else ():
+            if in_layer_group(name, v.group):
+                v.stats.add(name, tuned.tensors[name].numel, scanned.sum_r[name])
     _finish(cfg, base_model, tuned_model, tuned, variants, total, out)
 
 
@@ -332,7 +268,7 @@ def _workers(threads: int) -> int:
 def _finish(cfg: RestoreConfig, base_model: ResolvedModel, tuned_model: ResolvedModel,
             tuned: Checkpoint, variants: list[Variant], total: int, out: Path) -> None:
     """Index, config and tokenizer files, statistics, card and run record; then the rename."""
-    versions = _versions()
+    versions = library_versions()
     for v in variants:
         v.writer.close()
         v.writer.write_index(tuned.sharded_index)

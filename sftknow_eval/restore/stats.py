@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftknow_eval.restore.regions import layer_of, module_of
+from sftknow_eval.weights.regions import layer_of, module_of
 
 TSV_COLUMNS = ("tensor", "layer", "module", "numel", "restored", "restored_fraction",
                "mean_r_restored", "sum_r_restored", "sum_r")

@@ -14,24 +14,21 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 from sftknow_eval import hub
 from sftknow_eval.errors import UserError
 from sftknow_eval.train.recipes import Recipe, load_recipe
+from sftknow_eval.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "training_run.json"
-LIBRARIES = ("sftknow-eval", "trl", "transformers", "torch", "accelerate", "datasets",
-             "huggingface-hub", "peft", "safetensors", "tokenizers")
 CARD_HYPERPARAMETERS = (
     "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
@@ -46,16 +43,6 @@ class TrainResult:
     seconds: float
     skipped: bool = False
     commit_url: str | None = None
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 # ---------------------------------------------------------------------------------------

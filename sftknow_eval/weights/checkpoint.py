@@ -1,13 +1,12 @@
-"""Reading room of restore: resolves a model folder, indexes shards, hands out tensor data.
+"""Checkpoint reader: resolves a model folder, indexes its shards, hands out tensor data.
 
-Nothing here decides what to restore. A :class:`Checkpoint` knows which tensor lives in which
-shard file and at which byte offset (from ``model.safetensors.index.json`` and the shard
-headers). The passes read runs of elements as raw bytes with positional reads
-(:class:`RawRange`), from any thread, into buffers they own: on a cached 4 GB pair this copy
-took 0.17 s, against about 1.1 s of page faults for touching the same bytes through
-memory-mapped tensors (and two threads faulting at once contend in the kernel). Whole tensors,
-for error messages and pickle checkpoints, still come as memory-mapped views
-(:meth:`Checkpoint.tensor`), one shard open at a time.
+A :class:`Checkpoint` knows which tensor lives in which shard file and at which byte offset
+(from ``model.safetensors.index.json`` and the shard headers). Streaming readers take runs of
+elements as raw bytes with positional reads (:class:`RawRange`), from any thread, into buffers
+they own: on a cached 4 GB pair this copy took 0.17 s, against about 1.1 s of page faults for
+touching the same bytes through memory-mapped tensors. Whole tensors (analysis, error messages,
+pickle checkpoints) come as memory-mapped views (:meth:`Checkpoint.tensor`), one shard open at
+a time. :func:`preflight` checks that two checkpoints can be compared element by element.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from sftknow_eval.errors import UserError
+from sftknow_eval.weights.regions import natural_key
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 _SNAPSHOT_COMMIT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
 
 
@@ -97,7 +95,7 @@ class RawRange:
         """The bytes as uint8, in the front of ``out`` when given, else in a new array."""
         data = np.empty(self.nbytes, dtype=np.uint8) if out is None else out[:self.nbytes]
         if self.tensor is not None:
-            np.copyto(data, self.tensor.reshape(-1).numpy().view(np.uint8))
+            np.copyto(data, self.tensor.numpy())
             return data
         view, offset = memoryview(data), self.offset
         while view:
@@ -266,9 +264,7 @@ class Checkpoint:
         if info.offset is None:  # pickle: no byte offsets; a slice of the mapped tensor
             import torch
 
-            flat = self.tensor(name).reshape(-1)[start:stop]
-            unsigned = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
-            flat = flat if flat.dtype == unsigned else flat.view(unsigned)  # numpy has no bf16
+            flat = self.tensor(name).reshape(-1)[start:stop].view(torch.uint8)  # numpy has no bf16
             return RawRange(info.dtype, size, (stop - start) * size, tensor=flat)
         fd = self._fds.get(info.file)
         if fd is None:
@@ -283,13 +279,6 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-    def names_by_file(self) -> Iterator[tuple[str, list[str]]]:
-        """Each shard with its tensors, in the checkpoint's order (reading shard by shard)."""
-        by_file: dict[str, list[str]] = {}
-        for info in self.tensors.values():
-            by_file.setdefault(info.file, []).append(info.name)
-        yield from by_file.items()
 
     @property
     def total_bytes(self) -> int:
@@ -315,6 +304,8 @@ DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
 }
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
+#: A stored element's raw bits, by itemsize (bfloat16 has no numpy dtype).
+UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -324,3 +315,28 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def preflight(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Same architecture, tensor names, shapes and dtypes; the error names the first mismatch."""
+    cb, ct = read_config(base.folder), read_config(tuned.folder)
+    for key in _ARCH_KEYS:
+        if key in cb and key in ct and cb[key] != ct[key]:
+            raise UserError(f"architectures differ: config.json {key} is {cb[key]!r} in the base "
+                            f"model and {ct[key]!r} in the fine-tuned model")
+    for name in sorted(set(base.tensors) | set(tuned.tensors), key=natural_key):
+        if name not in base.tensors:
+            raise UserError(f"tensor {name} is in the fine-tuned model but missing from the base")
+        if name not in tuned.tensors:
+            raise UserError(f"tensor {name} is in the base model but missing from the fine-tuned")
+        b, t = base.tensors[name], tuned.tensors[name]
+        if b.shape != t.shape:
+            raise UserError(f"tensor {name}: shape {list(b.shape)} in the base model but "
+                            f"{list(t.shape)} in the fine-tuned model")
+        if b.dtype != t.dtype:
+            raise UserError(f"tensor {name}: dtype {b.dtype} in the base model but {t.dtype} in "
+                            "the fine-tuned model")

@@ -1,12 +1,11 @@
-"""Writing room of restore: streams tensors into safetensors shards laid out like the tuned model.
+"""Sharded writer: streams tensors into safetensors shards laid out like a source checkpoint.
 
-Each output shard gets the tuned shard's file name, tensor names, dtypes, shapes and
+Each output shard gets the source shard's file name, tensor names, dtypes, shapes and
 ``__metadata__``. The file is preallocated (its blocks reserved on disk, see
-:func:`preallocate`) from a header computed up front, then filled chunk
-by chunk with ``os.pwrite`` and patched in place through ``numpy.memmap``. Written by hand
-because safetensors' own ``save_file`` needs every tensor of a shard in memory at once, which
-would put one shard per requested k in RAM. Outputs live in a temp folder beside the final
-one and are renamed into place only when complete.
+:func:`preallocate`) from a header computed up front, then filled chunk by chunk with
+``os.pwrite``. Written by hand because safetensors' own ``save_file`` needs every tensor of a
+shard in memory at once, which would put one shard per output in RAM. Outputs live in a temp
+folder beside the final one and are renamed into place only when complete.
 
 Written data streams to disk a little behind the writes and leaves the page cache
 (:class:`WriteBehind`): several model-sized outputs would otherwise fill memory with dirty
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sftknow_eval.restore.reader import SAFETENSORS_INDEX, TensorInfo
+from sftknow_eval.weights.checkpoint import SAFETENSORS_INDEX, TensorInfo
 from sftknow_eval.write_behind import WriteBehind, preallocate
 
 TEMP_PREFIX = ".tmp-restore-"
@@ -35,7 +34,6 @@ AUX_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
     "added_tokens.json", "vocab*", "merges.txt", "chat_template*", "preprocessor_config.json",
 )
-_RAW_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 class ShardedWriter:
@@ -84,25 +82,6 @@ class ShardedWriter:
             written = os.pwrite(self._fds[file], view, offset)
             view, offset = view[written:], offset + written
         self._behind[file].wrote(start, offset - start)
-
-    def patch(self, name: str, positions: np.ndarray, raw_values: np.ndarray) -> None:
-        """Overwrite single elements (flat positions) with raw values of the tensor's itemsize.
-
-        Through a shared mapping, not flushed: msync on every patch cost more than the patch,
-        and the pages reach the file like any other write (no fsync anywhere, see close).
-        Pages that already left the page cache (:class:`WriteBehind`) are read back first;
-        patches come early in pass 2 and in position order, so these reads are few and
-        sequential.
-        """
-        if len(positions) == 0:
-            return
-        file, base = self._where[name]
-        info = self.infos[name]
-        itemsize = info.nbytes // max(info.numel, 1)
-        mapped = np.memmap(self.folder / file, dtype=_RAW_DTYPES[itemsize], mode="r+",
-                           offset=base, shape=(info.numel,))
-        mapped[positions] = raw_values
-        del mapped
 
     def close(self) -> None:
         """Close every file, once its background writes are done (they use the descriptor);

@@ -1,15 +1,15 @@
-"""Fused element loops of restore's two passes, compiled with numba.
+"""Fused element loops of the streaming top-k passes, compiled with numba.
 
 Each pass visits every element of the model once; done with torch or numpy, every step (cast,
 subtract, abs, divide, key, bin, gather, scatter-add, compare) is a separate sweep over the
 chunk, about a dozen per element, and that was two thirds of restore's time (benchmarks/restore,
 runs 5-6). No library offers "relative change, key and histogram in one sweep", so these loops
-are written here and compiled: one sweep per pass, with the GIL released so that restore's
+are written here and compiled: one sweep per chunk and pass, with the GIL released so that
 worker threads run them side by side.
 
-They reproduce ``selector`` exactly: r is computed in float32 with the same operations in the
-same order as :func:`selector.relative_change` (IEEE single precision; no fast-math, so the
-bits match torch's), keys as in :func:`selector.score_keys`. ``tests/test_restore_kernels.py``
+They reproduce ``topk`` exactly: r is computed in float32 with the same operations in the
+same order as :func:`topk.relative_change` (IEEE single precision; no fast-math, so the
+bits match torch's), keys as in :func:`topk.score_keys`. ``tests/test_restore_kernels.py``
 checks both against the torch definitions bit for bit.
 
 Inputs are flat arrays of the stored values: ``uint16`` holds bfloat16 bit patterns (widened
@@ -27,22 +27,12 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from sftknow_eval.restore.selector import (
-    BIN_SHIFT,
-    DETECT_STRIDE,
-    EPS,
-    FINE,
-    INF_BITS,
-    NUM_BINS,
-    STRATEGIES,
-)
+from sftknow_eval.weights.topk import BIN_SHIFT, EPS, FINE, INF_BITS, MASK32, MIX, STRATEGIES
 
 STRATEGY_CODES = {name: code for code, name in enumerate(STRATEGIES)}  # top 0, bottom 1, random 2
 _EPS32 = np.float32(EPS)
 _KEY_LIMIT = 1 << 31
-_MASK32 = 0xFFFFFFFF
-_MIX = 0x045D9F3B  # must match selector._MIX
-BLOCK = 16 * DETECT_STRIDE  # elements per vectorised step
+BLOCK = 1024  # elements per vectorised step
 LANES = 8  # partial sums of r
 
 
@@ -88,20 +78,20 @@ def _relative_change(base, tuned, i):
 
 @njit(inline="always")
 def _random_key(index, seed_term):
-    """selector.random_keys for one global index (int64 arithmetic, same steps)."""
-    x = index & _MASK32
-    x ^= ((index >> 32) * _MIX) & _MASK32
+    """topk.random_keys for one global index (int64 arithmetic, same steps)."""
+    x = index & MASK32
+    x ^= ((index >> 32) * MIX) & MASK32
     x ^= seed_term
     for _ in range(3):
         x ^= x >> 16
-        x = (x * _MIX) & _MASK32
+        x = (x * MIX) & MASK32
     x ^= x >> 16
     return x >> 1
 
 
 @njit(inline="always")
 def _key(r, strategy, index, seed_term):
-    """An element's key (selector.score_keys): r's bits (top), +inf's bits minus them
+    """An element's key (topk.score_keys): r's bits (top), +inf's bits minus them
     (bottom), or the seeded hash of its global index (random)."""
     if strategy == 0:
         return np.int64(_bits_of_float(r))
@@ -166,15 +156,10 @@ def sum_relative_change(base, tuned):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
-    """Pass 1 on one region chunk: returns summed r; counts every key into ``table``.
-
-    Per element: r, its key and ``table[entry] += 1``, where ``entry`` is the bin
-    ``key >> BIN_SHIFT`` while ``target[bin]`` is 0, else ``target[bin]`` (a count slot's
-    start, >= NUM_BINS) plus the key's low bits; see ``selector.TieCounts``. ``sample[j]``
-    gets the bin of element ``j * DETECT_STRIDE``. Elements whose key is out of range (only a
-    NaN r) are not counted; their NaN sum makes the caller raise.
-    """
+def histogram(base, tuned, strategy, first, seed_term, hist):
+    """Pass 1 on one region chunk: adds each key's bin (``key >> BIN_SHIFT``) to ``hist``;
+    returns the summed r. Keys out of range (only a NaN r) are not counted; their NaN sum makes
+    the caller raise."""
     n = base.size
     r = np.empty(BLOCK, np.float32)
     keys = np.empty(BLOCK, np.int64)
@@ -182,51 +167,38 @@ def count_keys(base, tuned, strategy, first, seed_term, target, table, sample):
     for start in range(0, n, BLOCK):
         size = min(BLOCK, n - start)
         _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes)
-        for j in range(0, size, DETECT_STRIDE):  # BLOCK is a multiple of DETECT_STRIDE
-            sample[(start + j) // DETECT_STRIDE] = keys[j] >> BIN_SHIFT
         for j in range(size):
             key = keys[j]
-            if key < 0 or key >= _KEY_LIMIT:
-                continue
-            bin_ = key >> BIN_SHIFT
-            entry = np.int64(target[bin_])
-            if entry == 0:
-                entry = bin_
-            else:
-                entry += key & (FINE - 1)
-            table[entry] += 1.0
+            if key >= 0 and key < _KEY_LIMIT:
+                hist[key >> BIN_SHIFT] += 1
     return lanes.sum()
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def bins_at_ranks(tables, map_a, map_b, ranks, out):
-    """The histogram summed over ``tables`` (one per worker, marked bins' slots included,
-    their entries read from either target map), walked from the largest key down:
-    ``out[i]`` gets the bin holding the ``ranks[i]``-th element (ranks ascending; -1 past the
-    end). Returns how many elements the tables hold. One sweep, no histogram copy: this runs
-    while the workers wait (``selector.TieCounts.mark_near``)."""
-    out[:] = -1
-    done = 0
-    counted = 0.0
-    for b in range(NUM_BINS - 1, -1, -1):
-        entry = max(map_a[b], map_b[b])
-        count = 0.0
-        for table in tables:
-            if entry >= NUM_BINS:
-                for low in range(FINE):
-                    count += table[entry + low]
-            count += table[b]
-        counted += count
-        while done < ranks.size and ranks[done] <= counted:
-            out[done] = b
-            done += 1
-    return counted
+def count_in_bins(base, tuned, strategy, first, seed_term, low, slots, fine):
+    """The read-only pass on one region chunk: exact per-key counts inside the counted bins.
+
+    A key at least ``low`` (the lowest counted bin's first key) whose bin has a slot
+    (``slots[bin] >= 0``) adds one to ``fine[slot * FINE + (key & (FINE - 1))]``.
+    """
+    n = base.size
+    r = np.empty(BLOCK, np.float32)
+    keys = np.empty(BLOCK, np.int64)
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys)
+        for j in range(size):
+            key = keys[j]
+            if key >= low and key < _KEY_LIMIT:
+                slot = slots[key >> BIN_SHIFT]
+                if slot >= 0:
+                    fine[slot * FINE + (key & (FINE - 1))] += 1
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def find_candidates(base, tuned, base_raw, strategy, first, seed_term, low, pos, keys, r_out,
                     raw_out):
-    """Pass 2 on one region chunk: the elements whose key is at least ``low``.
+    """The writing pass on one region chunk: the elements whose key is at least ``low``.
 
     Writes their positions (ascending), keys, r and stored base values (``base_raw``: the
     chunk's raw bits) into the front of ``pos``, ``keys``, ``r_out`` and ``raw_out``; returns
@@ -260,22 +232,6 @@ def find_candidates(base, tuned, base_raw, strategy, first, seed_term, low, pos,
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def choose(keys, cut, ties, out):
-    """Pass 2, one k: indices of the keys above ``cut`` and of the first ``ties`` keys equal to
-    it, in order, into the front of ``out``; returns (how many, how many ties taken)."""
-    count = 0
-    taken = 0
-    for i in range(keys.size):
-        key = keys[i]
-        tie = key == cut
-        take = (key > cut) | (tie & (taken < ties))  # branch-free, as in find_candidates
-        taken += tie & take
-        out[count] = i
-        count += take
-    return count, taken
-
-
-@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def put_back(out, pos, base_raw, r, chosen):
     """Set ``out[pos[c]] = base_raw[c]`` for each chosen candidate c; returns their summed r."""
     total = 0.0
@@ -298,7 +254,7 @@ def count_ties(keys, cuts, out):
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def group_by_cut(keys, cuts, takes, order, bounds):
-    """Pass 2, every k's cut known: group candidates by the first k that selects them.
+    """The writing pass: group candidates by the first k that selects them.
 
     ``cuts`` are the k's exact threshold keys, smallest k first (so non-increasing); k number
     j selects the keys above ``cuts[j]`` and the first ``takes[j]`` keys equal to it (in

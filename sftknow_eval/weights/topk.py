@@ -1,0 +1,189 @@
+"""Exact top-k selection over a stream of tensors: the rule, its keys, and the cut per k.
+
+The rule, which every streaming pass reproduces exactly:
+
+* Relative change ``r = |tuned - base| / (|base| + 1e-8)`` in float32, whatever the stored dtype.
+* Each region element gets an integer *key*: for ``top`` the float32 bit pattern of r (bit
+  patterns of non-negative floats sort like the floats), for ``bottom`` ``INF_BITS - bits`` (so
+  larger key = smaller r), for ``random`` a seeded 31-bit hash of the element's global index.
+* The *global index* numbers the region's elements: tensors in natural name order (digit runs
+  compared as numbers, so ``layers.2`` precedes ``layers.10``), elements row-major within each.
+* ``n = floor(N * k / 100)`` elements are selected: the first n of a stable sort by
+  ``(-key, global index)``. Ties are broken by position, lower global index first. This is
+  what ``torch.sort(r, descending=True, stable=True)[:n]`` gives for ``top``.
+
+Finding each n's cut takes two read-only passes, in memory bounded by fixed-size tables:
+
+1. a histogram of ``key >> BIN_SHIFT`` gives each n's *threshold bin* (the one holding the
+   n-th largest key) and how many elements lie in higher bins (:func:`threshold_bins`);
+2. exact per-key counts inside the threshold bins only (:func:`slot_map` says where each
+   bin's counts go) give the exact cut key and how many elements equal to it are taken, the
+   first ones in global order (:func:`exact_cuts`).
+
+A writing pass then selects ``key > cut``, or ``key == cut`` while a running count of such
+elements is under the cut's ``ties``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sftknow_eval.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+EPS = 1e-8
+INF_BITS = 0x7F800000  # float32 +inf; every finite non-negative r has smaller bits
+BIN_SHIFT = 12
+NUM_BINS = (1 << 31) >> BIN_SHIFT  # keys are < 2**31 for every strategy
+FINE = 1 << BIN_SHIFT  # exact keys per bin
+STRATEGIES = ("top", "bottom", "random")
+MASK32 = 0xFFFFFFFF
+MIX = 0x045D9F3B  # < 2**27, so products of 32-bit values stay inside int64
+
+
+def validate_k(k: float) -> float:
+    """k is a percentage strictly between 0 and 100."""
+    if not (0 < k < 100):
+        raise UserError(f"--k {k:g}: k must lie strictly between 0 and 100 (a percentage)")
+    return k
+
+
+def count_to_select(total: int, k: float) -> int:
+    """floor(total * k / 100), computed exactly (k as the decimal the user typed)."""
+    return int(Fraction(str(k)) * total / 100)
+
+
+def relative_change(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """r = |tuned - base| / (|base| + 1e-8) in float32, flat: the definition the compiled
+    loops (``kernels``) reproduce bit for bit."""
+    b = base.reshape(-1).float()
+    return (tuned.reshape(-1).float() - b).abs_().div_(b.abs().add_(EPS))
+
+
+def random_seed_term(seed: int) -> int:
+    """The seed's 32-bit contribution to every random key."""
+    return (seed * 0x9E3779B1 + 0x7F4A7C15) & MASK32
+
+
+def random_keys(start: int, n: int, seed: int) -> torch.Tensor:
+    """Seeded 31-bit hash keys for global indices start..start+n-1 (int64).
+
+    A counter-based hash (no generator state), so the draw does not depend on how the
+    checkpoint is sharded or in which order tensors are read.
+    """
+    import torch
+
+    x = torch.arange(start, start + n, dtype=torch.int64)
+    high = x >> 32
+    x.bitwise_and_(MASK32)
+    x.bitwise_xor_((high * MIX) & MASK32)
+    x.bitwise_xor_(random_seed_term(seed))
+    for _ in range(3):
+        x.bitwise_xor_(x >> 16).mul_(MIX).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x.bitwise_right_shift_(1)
+
+
+def score_keys(r: torch.Tensor, strategy: str, start: int, seed: int) -> torch.Tensor:
+    """The integer key per element (int32, 0 <= key < 2**31): larger key = selected earlier."""
+    import torch
+
+    bits = r.reshape(-1).view(torch.int32)
+    if strategy == "top":
+        return bits
+    if strategy == "random":
+        return random_keys(start, r.numel(), seed).to(torch.int32)
+    if strategy != "bottom":
+        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    return INF_BITS - bits
+
+
+def key_to_r(keys: np.ndarray | int, strategy: str) -> np.ndarray | float | None:
+    """The r value(s) that top/bottom keys stand for (None for random)."""
+    if strategy == "random":
+        return None
+    bits = np.asarray(keys, dtype=np.int64)
+    r = (bits if strategy == "top" else INF_BITS - bits).astype(np.uint32).view(np.float32)
+    return float(r) if r.ndim == 0 else r
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Where the n-th largest key lies: in bin ``bin``, with ``above`` elements in higher bins."""
+
+    n: int
+    bin: int
+    above: int
+
+
+@dataclass(frozen=True)
+class Cut:
+    """n's exact selection: every key above ``key``, and the first ``ties`` keys equal to it."""
+
+    n: int
+    key: int
+    ties: int
+
+
+def threshold_bins(hist: np.ndarray, counts: list[int]) -> list[Threshold]:
+    """For each n (1 <= n <= the histogram's total), the bin holding the n-th largest key."""
+    from_top = np.cumsum(np.asarray(hist, dtype=np.int64)[::-1])
+    out = []
+    for n in counts:
+        if not 0 < n <= from_top[-1]:
+            raise ValueError(f"cannot select {n} of {from_top[-1]} elements")
+        pos = int(np.searchsorted(from_top, n, side="left"))
+        out.append(Threshold(n, len(hist) - 1 - pos, int(from_top[pos - 1]) if pos else 0))
+    return out
+
+
+def slot_map(thresholds: list[Threshold]) -> tuple[np.ndarray, list[int]]:
+    """Where each threshold bin's exact counts go: a map bin -> slot (-1: not counted) and
+    the bins in slot order. Slot s holds FINE counts, entry ``s * FINE + (key & (FINE - 1))``."""
+    bins = sorted({t.bin for t in thresholds})
+    slots = np.full(NUM_BINS, -1, dtype=np.int32)
+    slots[bins] = np.arange(len(bins), dtype=np.int32)
+    return slots, bins
+
+
+def exact_cuts(thresholds: list[Threshold], fine: np.ndarray, slots: np.ndarray) -> list[Cut]:
+    """Each n's exact cut from the threshold bins' per-key counts (``fine``: slots x FINE)."""
+    cuts = []
+    for t in thresholds:
+        counts = np.asarray(fine[slots[t.bin]], dtype=np.int64)
+        from_top = np.cumsum(counts[::-1])
+        take = t.n - t.above
+        if not 0 < take <= from_top[-1]:
+            raise AssertionError(f"cannot take {take} of the {from_top[-1]} elements in the bin: "
+                                 "the passes saw different elements")
+        pos = int(np.searchsorted(from_top, take, side="left"))
+        above_in_bin = int(from_top[pos - 1]) if pos else 0
+        cuts.append(Cut(t.n, (t.bin << BIN_SHIFT) | (FINE - 1 - pos), take - above_in_bin))
+    return cuts
+
+
+def count_fine(keys: np.ndarray, slots: np.ndarray, fine: np.ndarray) -> None:
+    """Add the keys that fall in a counted bin to ``fine`` (slots x FINE), with numpy: the
+    form for whole tensors (``kernels.count_in_bins`` streams chunks)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    slot = slots[keys >> BIN_SHIFT]
+    hit = slot >= 0
+    flat = slot[hit].astype(np.int64) * FINE + (keys[hit] & (FINE - 1))
+    fine += np.bincount(flat, minlength=fine.size).reshape(fine.shape)
+
+
+def reference_selection(r: torch.Tensor, n: int, strategy: str, seed: int = 0) -> torch.Tensor:
+    """Brute-force reference on a whole flat r (global order): a bool mask of the n selected."""
+    import torch
+
+    keys = score_keys(r.reshape(-1).float().clone(), strategy, 0, seed).numpy().astype(np.int64)
+    order = np.lexsort((np.arange(keys.size), -keys))[:n]
+    mask = torch.zeros(keys.size, dtype=torch.bool)
+    mask[torch.from_numpy(order)] = True
+    return mask
