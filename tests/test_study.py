@@ -82,10 +82,13 @@ def test_plan_lists_every_cell_in_dependency_order() -> None:
     models = 2 * 2 * 2
     assert count("train") == count("select") == count("kl") == models
     restored = 2 * 2 * 2  # largest size only: 2 categories x 2 seeds x 2 k
-    assert count("restore") == restored and count("updates") == 4
+    assert count("restore") == 4 and count("updates") == 4  # one restore per model, every k
     assert count("eval") == 1 + models + restored
-    assert ids[-1] == "report/report" and "restore/D0-240-s1-top5" in ids
-    assert "restore/D0-60-s0-top1" not in ids
+    assert ids[-1] == "report/report" and "restore/D0-240-s1" in ids
+    assert "eval/D0-240-s1-top5" in ids and "restore/D0-60-s0" not in ids
+    restore = next(c for c in cells if c.id == "restore/D0-240-s1")
+    assert restore.config["k"] == [1, 5]
+    assert next(c for c in cells if c.id == "eval/D0-240-s1-top5").deps[-1] == restore.id
 
 
 def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -94,8 +97,9 @@ def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     out = capsys.readouterr().out
     assert code == 0
     assert "train/D0-60-s0" in out and "train/D4-1920-s2" in out
-    assert "restore/D2-1920-s1-top60" in out and "eval/D2-1920-s1-top60" in out
-    assert "train 90 todo" in out and "restore 105 todo" in out and "eval 196 todo" in out
+    assert "restore/D2-1920-s1 " in out and "eval/D2-1920-s1-top60" in out
+    assert "restore/D2-1920-s1-top60" not in out  # one restore cell per model writes every k
+    assert "train 90 todo" in out and "restore 15 todo" in out and "eval 196 todo" in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
@@ -177,9 +181,9 @@ def test_a_changed_setting_reruns_downstream_only(recorded: list[str], tmp_path:
     data["restore"]["k"] = [1, 20]
     recorded.clear()
     run_study(spec_from_dict(data), tmp_path, progress=False)
-    assert sorted(recorded) == sorted(
-        [f"{stage}/{c}-240-s{s}-top20" for stage in ("restore", "eval")
-         for c in ("D0", "D4") for s in (0, 1)])
+    models = [f"{c}-240-s{s}" for c in ("D0", "D4") for s in (0, 1)]
+    assert sorted(recorded) == sorted(  # each model's one restore cell, and its restored evals
+        [f"restore/{m}" for m in models] + [f"eval/{m}-top{k}" for m in models for k in (1, 20)])
     data["kl"] = {"category": "D3"}
     recorded.clear()
     run_study(spec_from_dict(data), tmp_path, progress=False)

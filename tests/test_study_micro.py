@@ -43,7 +43,7 @@ def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     assert len(rows) == 16 and json.loads(rows[0])["category"] == "D0"
     model = tmp_path / "train" / "D0-16-s0" / "model"
     assert (model / "model.safetensors").is_file() and (model / "training_run.json").is_file()
-    restored = tmp_path / "restore" / "D0-16-s0-top5" / "top5"
+    restored = tmp_path / "restore" / "D0-16-s0" / "top5"
     assert (restored / "model.safetensors").is_file()
     for name in ("base", "D0-16-s0", "D0-16-s0-top5"):
         record = json.loads((tmp_path / "eval" / name / "cell.json").read_text())

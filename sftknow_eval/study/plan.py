@@ -12,8 +12,8 @@ a restored one ``<model>-<strategy><k>``)::
     eval/<model>             its CBQA accuracy
     kl/<model>               first-answer-token KL against the base model (docs/METHOD.md §5)
     updates/<model>          relative-change statistics (models being restored)
-    restore/<model>-top<k>   restored model          (per model and k, where the spec asks)
-    eval/<model>-top<k>      its accuracy
+    restore/<model>          restored models, every k of the spec in one run (where it asks)
+    eval/<model>-top<k>      each restored model's accuracy
     report/report            Markdown + PNG (always rewritten)
 
 A cell's hash covers its own config and its dependencies' hashes, so a changed setting reruns
@@ -35,7 +35,6 @@ from sftknow_eval.study.spec import SHIPPED, StudySpec
 SETUP = "setup"  # lineage of cells every shard needs (probe, tasks)
 REPORT = "report"
 BASE = "base"
-STAGES = ("probe", "tasks", "select", "train", "eval", "kl", "updates", "restore", "report")
 
 
 @dataclass
@@ -71,8 +70,7 @@ def _annotated_identity(annotated: str) -> dict[str, Any]:
     """What identifies an existing annotated folder: its path, its probe run id and a digest
     of its fact files (a re-probe with the same settings keeps the run id but may change the
     categories, and then everything downstream must rerun)."""
-    from sftknow_eval.probe.annotated import SHIPPED_ANNOTATED
-    from sftknow_eval.probe.run import CONFIG_FILE
+    from sftknow_eval.probe.annotated import CONFIG_FILE, SHIPPED_ANNOTATED
 
     folder = SHIPPED_ANNOTATED if annotated == SHIPPED else Path(annotated)
     run_id, digest = None, None
@@ -148,12 +146,12 @@ def plan(spec: StudySpec) -> list[Cell]:
                     continue
                 if spec.analysis.updates:
                     cells.append(Cell("updates", m, {"region": restore.region}, [trained.id], m))
+                restored = Cell("restore", m, {"k": list(restore.k), "region": restore.region,
+                                               "strategy": restore.strategy}, [trained.id], m)
+                cells.append(restored)
                 for k in restore.k:
-                    r = restored_name(m, restore.strategy, k)
-                    restored = Cell("restore", r, {"k": k, "region": restore.region,
-                                                   "strategy": restore.strategy},
-                                    [trained.id], m)
-                    cells += [restored, Cell("eval", r, eval_config, [tasks_id, restored.id], m)]
+                    cells.append(Cell("eval", restored_name(m, restore.strategy, k), eval_config,
+                                      [tasks_id, restored.id], m))
     cells.append(Cell("report", "report", {}, [c.id for c in cells], REPORT))
     _hash(cells)
     return cells

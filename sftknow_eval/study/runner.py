@@ -66,11 +66,6 @@ def read_cell(run_dir: Path, cell: Cell) -> dict[str, Any] | None:
         return None
 
 
-def is_done(run_dir: Path, cell: Cell) -> bool:
-    record = read_cell(run_dir, cell)
-    return record is not None and record.get("hash") == cell.hash
-
-
 def cell_status(spec: StudySpec, run_dir: Path, cells: Sequence[Cell]) -> dict[str, str]:
     """``done`` (finished with this config), ``changed`` (finished with another) or ``todo``;
     the report is always ``todo`` (it is rewritten on every run)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftknow_eval.errors import UserError
-from sftknow_eval.study.plan import BASE, Cell
+from sftknow_eval.study.plan import BASE, Cell, restored_name
 from sftknow_eval.study.spec import SHIPPED, StudySpec
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ class Context:
         """The model folder of a cell name: the base, a fine-tuned or a restored model."""
         if name == BASE:
             return Path(self.base_model())
-        restore = self.spec.restore
-        if restore is not None:
-            cell = self.run_dir / "restore" / name
-            if (cell / "cell.json").is_file():
-                return Path(json.loads((cell / "cell.json").read_text())["outputs"]["model"])
+        if self.spec.restore is not None and "-" in name:  # <model>-<strategy><k>
+            record = self.run_dir / "restore" / name.rsplit("-", 1)[0] / "cell.json"
+            if record.is_file():
+                models = json.loads(record.read_text())["outputs"].get("models", {})
+                if name in models:
+                    return Path(models[name])
         return self.cell_dir(f"train/{name}") / "model"
 
 
@@ -229,19 +230,19 @@ def run_updates(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
 
 
 def run_restore(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    """Every k of the spec for one fine-tuned model, in one restore run."""
     from sftknow_eval.restore.pipeline import RestoreConfig, restore, variant_name
 
     c = cell.config
-    model = cell.name[: -len(variant_name(c["strategy"], c["k"])) - 1]
     push = ctx.spec.push
-    push_to = f"{push.org}/{ctx.spec.name}-{model}" if push.org else None
-    result = restore(RestoreConfig(base=ctx.base_model(), tuned=str(ctx.model_dir(model)),
-                                   out=staging, k=[c["k"]], region=c["region"],
+    push_to = f"{push.org}/{ctx.spec.name}-{cell.name}" if push.org else None
+    result = restore(RestoreConfig(base=ctx.base_model(), tuned=str(ctx.model_dir(cell.name)),
+                                   out=staging, k=list(c["k"]), region=c["region"],
                                    strategy=c["strategy"], push_to=push_to,
                                    private=push.private, progress=False))
-    variant = variant_name(c["strategy"], c["k"])
-    return {"model": str(ctx.cell_dir(cell.id) / variant), "tuned": model, "k": c["k"],
-            "pushed": result.pushed}
+    models = {restored_name(cell.name, c["strategy"], k):
+              str(ctx.cell_dir(cell.id) / variant_name(c["strategy"], k)) for k in c["k"]}
+    return {"tuned": cell.name, "k": c["k"], "models": models, "pushed": result.pushed}
 
 
 RUNNERS = {"probe": run_probe, "tasks": run_tasks, "select": run_select, "train": run_train,
