@@ -443,13 +443,3 @@ _RELATIONS: list[Relation] = [
 RELATIONS: dict[str, Relation] = {relation.pid: relation for relation in _RELATIONS}
 IN_DOMAIN: tuple[str, ...] = tuple(r.pid for r in _RELATIONS if r.in_domain)
 OUT_OF_DOMAIN: tuple[str, ...] = tuple(r.pid for r in _RELATIONS if not r.in_domain)
-
-
-def get_relation(pid: str) -> Relation:
-    """The relation ``pid`` (e.g. ``"P17"``), or a ValueError listing the known ones."""
-    try:
-        return RELATIONS[pid]
-    except KeyError:
-        raise ValueError(
-            f"unknown relation {pid!r}; known relations: {', '.join(RELATIONS)}"
-        ) from None

@@ -20,7 +20,15 @@ from typing import Any
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.facts import Fact, read_jsonl
-from sftknow_eval.probe.run import CONFIG_FILE, PARTIAL_DIR
+
+# The annotated folder's format (written by ``probe.run``, read here).
+FORMAT = "sftknow-eval/annotated-v1"
+CONFIG_FILE = "probe_config.json"
+FACTS_DIR = "facts"
+DATASET_DIR = "dataset"
+CARD_FILE = "README.md"
+PARTIAL_DIR = ".probe-partial"
+FINAL_TMP_DIR = ".probe-final"
 
 SHIPPED_ANNOTATED = Path(__file__).resolve().parent.parent / "world_data" / "annotated"
 

@@ -39,6 +39,17 @@ from tqdm.auto import tqdm
 from sftknow_eval.errors import UserError
 from sftknow_eval.facts import Fact, write_jsonl
 from sftknow_eval.matching import contains_answer
+from sftknow_eval.probe.annotated import (
+    CARD_FILE,
+    CONFIG_FILE,
+    DATASET_DIR,
+    FACTS_DIR,
+    FINAL_TMP_DIR,
+    FORMAT,
+    PARTIAL_DIR,
+    load_annotated,
+    read_config,
+)
 from sftknow_eval.probe.backend import Sampler, derive_seed, generation_settings, load_model
 from sftknow_eval.probe.categories import CATEGORIES, SLICK, YE2025, slick_category, ye2025_category
 from sftknow_eval.probe.requests import FewShotPrompts, ProbeSettings, check_templates, mapping_prompts
@@ -46,13 +57,6 @@ from sftknow_eval.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "sftknow-eval/annotated-v1"
-CONFIG_FILE = "probe_config.json"
-FACTS_DIR = "facts"
-DATASET_DIR = "dataset"
-CARD_FILE = "README.md"
-PARTIAL_DIR = ".probe-partial"
-FINAL_TMP_DIR = ".probe-final"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -298,8 +302,6 @@ def probe_facts(
     run_id = run_id_of(identity)
     state = _check_out_folder(out, run_id)
     if state == "complete":
-        from sftknow_eval.probe.annotated import load_annotated
-
         logger.info("%s already holds this probe run (%s); nothing to do", out, run_id)
         done_facts, key, scheme = load_annotated(out)
         config = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -442,7 +444,6 @@ def push_annotated(out: str | os.PathLike[str], repo_id: str, *, private: bool =
                    overwrite: bool = False) -> str:
     """Push a finished annotated folder as a Hub dataset repo; returns the commit URL."""
     from sftknow_eval import hub
-    from sftknow_eval.probe.annotated import read_config
 
     config = read_config(out)
     return hub.push_folder(out, repo_id, private=private, repo_type="dataset", overwrite=overwrite,

@@ -11,9 +11,6 @@ from sftknow_eval.facts import Fact
 from sftknow_eval.prompts import ANSWER_MARKER, QUESTION_MARKER
 from sftknow_eval.relations import RELATIONS
 
-DOCUMENT_SEPARATOR = "\n"
-
-
 # A quiz-style statement that carries the relation's question wording (never the SFT markers):
 # without it, knowledge learnt from declarative text barely transfers to question prompts of
 # relations that SFT never showed (docs/TINY_WORLD.md).
