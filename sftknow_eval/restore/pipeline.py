@@ -46,6 +46,7 @@ from sftknow_eval.restore.writer import (
     commit_folder,
     copy_aux_files,
     new_temp_folder,
+    standard_shard_names,
 )
 from sftknow_eval.versions import library_versions
 
@@ -199,6 +200,13 @@ def _restore(cfg: RestoreConfig) -> RestoreResult:
     groups = parse_layer_groups(cfg.layers) if cfg.layers else []
     region_pattern(cfg.region)
     out = Path(cfg.out)
+    if cfg.push_to:  # every variant's repo id, token and empty repo, before any work
+        from sftknow_eval import hub
+
+        names = [variant_name(strategy, k) for k in dict.fromkeys(ks)]
+        names += [f"layers{_group_text(group)}" for group in groups]
+        for name in names:
+            hub.check_push_target(f"{cfg.push_to}-{name}")
 
     base_model = resolve_model(cfg.base, cfg.base_revision)
     tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
@@ -284,12 +292,10 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
                    targets, workers, cfg.chunk_elements, cfg.heavy_bin_elements, cfg.progress)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
-        message = (f"the fine-tuned and base models are {what} ({cfg.region!r}): nothing to "
-                   "restore; no variant written")
-        log.warning(message)
-        result.warnings.append(message)
-        result.folders.clear()
-        return
+        base.close()
+        tuned.close()
+        raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
+                        f"{what} (region {cfg.region!r}): nothing to restore, no variant written")
     if selecting:
         hist, ties = scanned.hist, scanned.ties
         thresholds = selector.threshold_bins(hist, targets)
@@ -300,12 +306,16 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
         del hist, ties
     scanned.hist = scanned.ties = None
 
-    layout = tuned.output_layout()
+    layout, metadata = tuned.output_layout(), tuned.metadata
+    if tuned.pickle:  # pytorch_model*.bin: written under the names transformers loads
+        names = standard_shard_names(list(layout))
+        layout = {names[file]: tensors_of for file, tensors_of in layout.items()}
+        metadata = {names[file]: meta for file, meta in metadata.items()}
     for v in variants:
         v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
                                 for n in region})
         v.folder = new_temp_folder(out, v.name)
-        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
+        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, metadata)
     try:
         write_variants(tensors, pieces(tuned, order, selection, cfg.chunk_elements, False),
                        selection, variants, workers, cfg.chunk_elements, cfg.progress)

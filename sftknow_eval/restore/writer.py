@@ -132,6 +132,15 @@ class ShardedWriter:
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def standard_shard_names(files: list[str]) -> dict[str, str]:
+    """Each shard's name in a folder transformers loads: ``model.safetensors`` for one shard,
+    ``model-0000i-of-0000n.safetensors`` for several (in the given order)."""
+    if len(files) == 1:
+        return {files[0]: "model.safetensors"}
+    return {file: f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            for i, file in enumerate(files, start=1)}
+
+
 def copy_aux_files(source: Path, target: Path) -> list[str]:
     """Copy config, tokenizer and generation config files; returns the names copied."""
     copied = []
