@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.restore.commands",
     "sftknow_eval.analysis.commands",
     "sftknow_eval.study.commands",
+    "sftknow_eval.recipe_commands",
 )
 
 PIPELINE = """\
