@@ -12,7 +12,6 @@ Two passes over the tensors (one tensor in memory at a time):
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sftknow_eval.analysis.checks import check_out_folder, require_finite, strict_json
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.pipeline import preflight
 from sftknow_eval.restore.reader import Checkpoint, resolve_model
@@ -56,9 +56,11 @@ class _Tensors:
     def relative_changes(self, desc: str, progress: bool):
         for index, name in enumerate(tqdm(self.names, desc=desc, unit="tensor",
                                           disable=not progress)):
-            r = relative_change(self.base.tensor(name), self.tuned.tensor(name))
+            base, tuned = self.base.tensor(name), self.tuned.tensor(name)
+            r = relative_change(base, tuned)
             if not torch.isfinite(r).all():
-                raise UserError(f"tensor {name}: NaN or Inf in the base or tuned weights")
+                require_finite(name, {"base": base, "fine-tuned": tuned})
+                raise UserError(f"tensor {name}: the relative change overflows float32")
             yield index, name, r
 
 
@@ -90,6 +92,10 @@ def update_statistics(base: str, tuned: str, *, region: str = "transformer",
         log_r = torch.log10(r64).clamp(*LOG10_RANGE)  # log10(0) = -inf -> lowest bin
         log_hist += torch.histc(log_r, bins=LOG10_BINS, min=LOG10_RANGE[0], max=LOG10_RANGE[1])
     total_sum = float(sums.sum())
+    if total_sum == 0:
+        raise UserError(f"the fine-tuned model {tuned} and the base model {base} are identical "
+                        f"in region {region!r}: every relative change is 0, there is no update "
+                        "to analyse; nothing written")
 
     # Per k: the threshold bin and how many of its elements the top-n takes.
     above = counts.flip(0).cumsum(0).flip(0) - counts  # elements in bins strictly higher
@@ -180,13 +186,16 @@ def run_updates(base: str, tuned: str, out: str | Path | None = None, *,
     from sftknow_eval.atomic import atomic_folder
     from sftknow_eval.versions import library_versions
 
+    if out is not None:
+        check_out_folder(out)
     stats = update_statistics(base, tuned, region=region, progress=progress)
     stats["versions"] = library_versions()
     if out is not None:
         from sftknow_eval.analysis import plots
 
         with atomic_folder(out) as staging:
-            (staging / "updates.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
+            (staging / "updates.json").write_text(
+                strict_json(stats, "updates.json", indent=2) + "\n", "utf-8")
             plots.plot_concentration(stats["concentration"], staging / "concentration.png")
             share_k = "10" if "10" in stats["layer_shares"] else next(iter(stats["layer_shares"]))
             plots.plot_shares(stats["layer_shares"][share_k], staging / "layer_shares.png",

@@ -264,6 +264,8 @@ def train(
     ``push_to`` (``org/name``) uploads the folder with :func:`sftknow_eval.hub.push_folder`.
     """
     started = time.perf_counter()
+    if push_to:  # a bad repo id, a missing token or a repo with content fail before any work
+        hub.check_push_target(push_to, overwrite=overwrite_remote)
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     data_path, out_path = Path(data), Path(out)
     rows = read_prompt_completion(data_path)
