@@ -268,6 +268,14 @@ def test_bad_downloads_and_archives_leave_nothing(served, tmp_path):
     _expect_failure(tmp_path, f"{base}/cut.zip", "not a readable zip archive")
     _zip_fixture(root / "partial.zip", drop="dataset/dev/P17.dev.json")
     _expect_failure(tmp_path, f"{base}/partial.zip", r"1 of the 72 relation files are missing \(dev/P17")
+    kept = tmp_path / "kept"  # --force replaces an output only with a complete new one
+    (kept / "train").mkdir(parents=True)
+    (kept / "train" / "P17.train.json").write_text("[]")
+    with pytest.raises(UserError, match="missing"):
+        eq.fetch_entity_questions(kept, url=f"{base}/partial.zip", force=True,
+                                  expected_counts=FIXTURE_COUNTS, progress=False)
+    assert _leftovers(kept) == ["train"] and _leftovers(tmp_path).count("kept") == 1
+    assert not [name for name in _leftovers(tmp_path) if name.startswith(".kept")]
 
 
 def test_damaged_member_and_bad_rows_are_named(tmp_path):
