@@ -125,8 +125,10 @@ def test_outputs_card_stats_and_transformers_load(tmp_path):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == [str(tmp_path / "tuned"), str(tmp_path / "base")]
-    assert card.data.base_model_relation == "merge"
+    # both models are local folders: no path goes into the metadata, the text names them
+    assert card.data.base_model is None and "base_model" not in card.data.to_dict()
+    assert str(tmp_path / "tuned") not in str(card.data.to_yaml())
+    assert f"`{tmp_path / 'base'}`" in card.text
     fields = card.data.restore
     assert fields["strategy"] == "top" and fields["k"] == 5 and fields["region"] == "transformer"
     stats = json.loads((folder / "restore_stats.json").read_text())
