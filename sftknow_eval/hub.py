@@ -424,11 +424,13 @@ def push_folder(
 # model cards of existing repos
 
 
-def load_model_card(repo_id: str, revision: str | None = None) -> ModelCard:
-    """The model card (README.md) of the Hub repo ``repo_id``; an empty card if it has none."""
+def load_model_card(repo_id: str, revision: str | None = None, *,
+                    strict: bool = False) -> ModelCard:
+    """The model card (README.md) of the Hub repo ``repo_id``; an empty card if it has none.
+    ``strict``: malformed metadata raises (yaml.YAMLError / ValueError) instead of being dropped."""
     validate_repo_id(repo_id)
     try:
-        return ModelCard.load(repo_id, token=get_token(), ignore_metadata_errors=True)
+        return ModelCard.load(repo_id, token=get_token(), ignore_metadata_errors=not strict)
     except EntryNotFoundError:
         return ModelCard.from_template(ModelCardData())
     except HfHubHTTPError as error:
