@@ -57,6 +57,9 @@ def test_unknown_keys_are_named_with_their_path() -> None:
     ({}, r"^x\.yaml: the spec is empty"),
     ({"grid": None}, r"^x\.yaml: grid: empty"),
     ({"grid": {}}, r"^x\.yaml: grid: empty"),
+    ({"kl": {"batch_size": 0}}, r"kl\.batch_size: 0 must be at least 1"),
+    ({"probe": {"templates": 0}}, r"probe\.templates: 0 must be at least 1"),
+    ({"eval": {"batch_size": "many"}}, r"eval\.batch_size: 'many' must be a positive integer"),
 ])
 def test_bad_values_are_refused(data: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):

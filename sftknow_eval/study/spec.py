@@ -323,6 +323,15 @@ def validate(spec: StudySpec) -> None:
         raise UserError(f"probe.scheme: {probe.scheme!r} is not one of {', '.join(SCHEMES)}")
     if probe.annotated is None and not probe.facts:
         raise UserError("probe: give `annotated` (an annotated folder) or `facts` to probe")
+    counts = {"probe.templates": probe.templates, "probe.samples": probe.samples,
+              "probe.max_new_tokens": probe.max_new_tokens, "kl.batch_size": spec.kl.batch_size}
+    for key, count in counts.items():
+        if count is not None and count < 1:
+            raise UserError(f"{key}: {count} must be at least 1")
+    for key, size in (("probe.batch_size", probe.batch_size),
+                      ("eval.batch_size", spec.eval.batch_size)):
+        if (size < 1) if isinstance(size, int) else not size.startswith("auto"):
+            raise UserError(f"{key}: {size!r} must be a positive integer or 'auto'")
     categories = CATEGORIES[probe.scheme]
     grid = spec.grid
     for name in ("categories", "sizes", "seeds"):
