@@ -50,16 +50,17 @@ def result_key(result: EvalResult) -> tuple[Any, ...]:
             result.metric_type, result.metric_name, result.metric_config)
 
 
-def _source(scores: FamilyScores) -> dict[str, Any]:
+def _source(path: str) -> dict[str, Any]:
+    """The lm-eval results file scores were read from ({} when it cannot be read again)."""
     try:
-        return read_results_file(Path(scores.source))
+        return read_results_file(Path(path))
     except (OSError, UserError):
         return {}
 
 
 def _date(scores: FamilyScores) -> float:
     """When the results were made: lm-eval's ``date``, else the file's modification time."""
-    date = _source(scores).get("date")
+    date = _source(scores.source).get("date")
     if isinstance(date, (int, float)):
         return float(date)
     try:
@@ -125,7 +126,7 @@ def check_model(target: str, folder: Path | None, scores: list[FamilyScores]) ->
     its Hub repo), or that does not record its model."""
     problems = []
     for source in sorted({s.source for s in scores}):
-        recorded = recorded_model(_source(next(s for s in scores if s.source == source)))
+        recorded = recorded_model(_source(source))
         if recorded is None:
             problems.append(f"{source} does not record its model")
         elif not _is_same_model(target, folder, recorded):
