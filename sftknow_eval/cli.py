@@ -18,6 +18,7 @@ from sftknow_eval.errors import UserError
 # Modules that add a sub-command, in pipeline order. Each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.world.commands",
+    "sftknow_eval.data.commands",
     "sftknow_eval.probe.commands",
     "sftknow_eval.select.commands",
     "sftknow_eval.train.commands",
@@ -25,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sftknow_eval.restore.commands",
     "sftknow_eval.analysis.commands",
     "sftknow_eval.study.commands",
+    "sftknow_eval.recipe_commands",
 )
 
 PIPELINE = """\

@@ -335,6 +335,53 @@ def _require_token() -> str:
     return token
 
 
+def _push_token(repo_id: str, repo_type: str) -> str:
+    """What every push needs before any request: a known repo type, a ``namespace/name`` id,
+    network access and a token (returned, never shown)."""
+    if repo_type not in REPO_TYPES:
+        raise UserError(f"repo type {repo_type!r}: expected one of {list(REPO_TYPES)}")
+    validate_repo_id(repo_id, require_namespace=True)
+    if is_offline():
+        raise UserError("cannot push: HF_HUB_OFFLINE is set")
+    return _require_token()
+
+
+def _existing_content(api: HfApi, repo_id: str, repo_type: str, overwrite: bool) -> set[str]:
+    """The files a repo already holds (Hub system files aside); a UserError when there are
+    some and ``overwrite`` is off. Raises RepositoryNotFoundError for a repo not there yet."""
+    existing = set(api.list_repo_files(repo_id, repo_type=repo_type)) - HUB_SYSTEM_FILES
+    if existing and not overwrite:
+        shown = ", ".join(sorted(existing)[:5]) + (" ..." if len(existing) > 5 else "")
+        raise UserError(
+            f"{repo_type} repo {repo_id} already has content ({shown}); refusing to "
+            "overwrite it (pass overwrite=True / --overwrite to replace it)"
+        )
+    return existing
+
+
+def _push_error(error: HfHubHTTPError, repo_id: str, repo_type: str) -> UserError:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return UserError(
+            f"the Hub refused the token for {repo_type} repo {repo_id} (HTTP {status}): "
+            "check that HF_TOKEN has write access to that namespace"
+        )
+    return _hub_error(error, repo_id, None)
+
+
+def check_push_target(repo_id: str, *, repo_type: str = "model", overwrite: bool = False) -> None:
+    """Fail before any work when :func:`push_folder` to ``repo_id`` would fail on its inputs:
+    an invalid id, offline mode, no token, or a repo that already has content (without
+    ``overwrite``). Creates nothing; a repo that does not exist yet is fine."""
+    api = _api(_push_token(repo_id, repo_type))
+    try:
+        _existing_content(api, repo_id, repo_type, overwrite)
+    except RepositoryNotFoundError:
+        return  # the push creates it
+    except HfHubHTTPError as error:
+        raise _push_error(error, repo_id, repo_type) from None
+
+
 def push_folder(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -348,29 +395,18 @@ def push_folder(
 
     The repo is created if missing (private by default). A repo that already holds other
     files is refused unless ``overwrite=True``, which makes the repo mirror the folder
-    (remote files absent from the folder are deleted in the same commit).
+    (remote files absent from the folder are deleted in the same commit). The same rules,
+    checked before a long run: :func:`check_push_target`.
     """
     source = Path(folder)
     if not source.is_dir():
         raise UserError(f"{source}: no such folder to push")
     if not any(p.is_file() for p in source.rglob("*")):
         raise UserError(f"{source}: nothing to push (empty folder)")
-    if repo_type not in REPO_TYPES:
-        raise UserError(f"repo type {repo_type!r}: expected one of {list(REPO_TYPES)}")
-    validate_repo_id(repo_id, require_namespace=True)
-    if is_offline():
-        raise UserError("cannot push: HF_HUB_OFFLINE is set")
-    token = _require_token()
-    api = _api(token)
+    api = _api(_push_token(repo_id, repo_type))
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        existing = set(api.list_repo_files(repo_id, repo_type=repo_type)) - HUB_SYSTEM_FILES
-        if existing and not overwrite:
-            shown = ", ".join(sorted(existing)[:5]) + (" ..." if len(existing) > 5 else "")
-            raise UserError(
-                f"{repo_type} repo {repo_id} already has content ({shown}); refusing to "
-                "overwrite it (pass overwrite=True / --overwrite to replace it)"
-            )
+        existing = _existing_content(api, repo_id, repo_type, overwrite)
         info = api.upload_folder(
             folder_path=source,
             repo_id=repo_id,
@@ -379,13 +415,7 @@ def push_folder(
             delete_patterns=["*"] if existing else None,
         )
     except HfHubHTTPError as error:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise UserError(
-                f"the Hub refused the token for {repo_type} repo {repo_id} (HTTP {status}): "
-                "check that HF_TOKEN has write access to that namespace"
-            ) from None
-        raise _hub_error(error, repo_id, None) from None
+        raise _push_error(error, repo_id, repo_type) from None
     logger.info("pushed %s to %s", source, info.commit_url)
     return str(info.commit_url)
 
@@ -394,11 +424,13 @@ def push_folder(
 # model cards of existing repos
 
 
-def load_model_card(repo_id: str, revision: str | None = None) -> ModelCard:
-    """The model card (README.md) of the Hub repo ``repo_id``; an empty card if it has none."""
+def load_model_card(repo_id: str, revision: str | None = None, *,
+                    strict: bool = False) -> ModelCard:
+    """The model card (README.md) of the Hub repo ``repo_id``; an empty card if it has none.
+    ``strict``: malformed metadata raises (yaml.YAMLError / ValueError) instead of being dropped."""
     validate_repo_id(repo_id)
     try:
-        return ModelCard.load(repo_id, token=get_token(), ignore_metadata_errors=True)
+        return ModelCard.load(repo_id, token=get_token(), ignore_metadata_errors=not strict)
     except EntryNotFoundError:
         return ModelCard.from_template(ModelCardData())
     except HfHubHTTPError as error:

@@ -4,11 +4,17 @@ and ``datasets`` datasets (in memory, saved to disk, or a Hub dataset id).
 ``load_facts(source)`` picks the reader from what ``source`` is. Every reader validates each
 row and raises ``FactFormatError`` naming the file, the line (or row index) and the field;
 with ``skip_bad=True`` bad rows are skipped and their count is logged.
+
+EntityQuestions facts carry two ``meta`` entries: ``answer_count`` (the length of the row's
+``answers`` list as written in the file) and ``answer_in_question`` (True when an accepted
+answer already occurs in the question, by ``matching.contains_answer``, e.g. "What is the
+capital of Gmina Kiernozia?" -> "Kiernozia").
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,7 +22,10 @@ from typing import Any
 
 from sftknow_eval.errors import FactFormatError
 from sftknow_eval.facts import Fact, fact_from_dict, read_jsonl, report_skipped
+from sftknow_eval.matching import contains_answer
 from sftknow_eval.relations import RELATIONS
+
+logger = logging.getLogger(__name__)
 
 # EntityQuestions names its files "<relation>.<split>.json" (a JSON list) or ".jsonl".
 _EQ_NAME = re.compile(r"^(?P<relation>P\d+)\.(?P<split>[A-Za-z]+)\.jsonl?$")
@@ -98,9 +107,10 @@ def _eq_fact(row: Any, relation_id: str, split: str, path: Path, line: int, inde
     relation = RELATIONS[relation_id]
     subject = relation.subject_from_question(question)
     if subject is None:
+        templates = " or ".join(repr(t) for t in relation.questions)
+        noun = "template" if len(relation.questions) == 1 else "templates"
         raise FactFormatError(
-            where, line, "question",
-            f"does not match the {relation_id} template {relation.question!r}", unit,
+            where, line, "question", f"does not match the {relation_id} {noun} {templates}", unit,
         )
     return Fact(
         id=f"{relation_id}.{split}.{index:06d}",
@@ -111,6 +121,8 @@ def _eq_fact(row: Any, relation_id: str, split: str, path: Path, line: int, inde
         question=question.strip(),
         split=split,
         domain=relation.domain,
+        meta={"answer_count": len(answers),
+              "answer_in_question": contains_answer(question, answers)},
     )
 
 
@@ -126,6 +138,10 @@ def read_entity_questions_dir(
     facts: list[Fact] = []
     for path in files:
         facts.extend(read_entity_questions_file(path, skip_bad=skip_bad))
+    given_away = sum(bool(fact.meta.get("answer_in_question")) for fact in facts)
+    logger.info("read %d EntityQuestions facts from %s; %d (%.1f%%) have an answer inside the "
+                "question (meta.answer_in_question)", len(facts), folder, given_away,
+                100.0 * given_away / len(facts) if facts else 0.0)
     return facts
 
 
@@ -179,6 +195,15 @@ def load_facts(source: Any, *, split: str | None = None, skip_bad: bool = False)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
         import datasets
 
-        loaded = datasets.load_dataset(str(source), split=split or "train")
+        try:
+            loaded = datasets.load_dataset(str(source), split=split or "train")
+        except (FileNotFoundError, ConnectionError, OSError) as error:
+            raise FileNotFoundError(
+                f"{source} is not a local file or folder, nor a loadable Hub dataset ({error}); "
+                f"{_EQ_HINT}"
+            ) from error
         return read_dataset(loaded, name=str(source), skip_bad=skip_bad)
-    raise FileNotFoundError(f"no such file, folder or Hub dataset id: {source}")
+    raise FileNotFoundError(f"no such file, folder or Hub dataset id: {source}; {_EQ_HINT}")
+
+
+_EQ_HINT = "to download EntityQuestions run `sftknow-eval data entity-questions --out DIR`"

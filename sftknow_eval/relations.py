@@ -1,18 +1,22 @@
 """The 24 EntityQuestions relations: question templates, domain split and mapping templates.
 
-The question templates are EntityQuestions' own (one per relation; ``{subject}`` marks the
-entity). The in-domain / out-of-domain split is docs/METHOD.md §1. The declarative *mapping
-templates* are completion prefixes used to probe a base model's mastery of a fact
-(docs/METHOD.md §2); the paper uses 21 per relation, we ship 10 per relation and take the first
-``n`` when a run asks for fewer. ``corpus_phrasings`` are extra whole-sentence phrasings
-(object first, or carrying the question's wording inside a statement) used only by the
-tiny world's pretraining corpus.
+The question templates are EntityQuestions' own (``{subject}`` marks the entity), checked
+against every row of its train/dev/test files. A relation may accept several wordings when
+reading; the first is the canonical one used for writing questions. Only P159 has two: the
+real files ask "Where is the headquarter of X?", while we write "headquarters" (the shipped
+tiny world is built with it) and read both. The in-domain / out-of-domain split is
+docs/METHOD.md §1. The declarative *mapping templates* are completion prefixes used to probe
+a base model's mastery of a fact (docs/METHOD.md §2); the paper uses 21 per relation, we ship
+10 per relation and take the first ``n`` when a run asks for fewer. ``corpus_phrasings`` are
+extra whole-sentence phrasings (object first, or carrying the question's wording inside a
+statement) used only by the tiny world's pretraining corpus.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class Relation:
 
     pid: str
     label: str
-    question: str
+    questions: tuple[str, ...]
     in_domain: bool
     mapping_templates: tuple[str, ...]
     corpus_phrasings: tuple[str, ...]
@@ -31,6 +35,11 @@ class Relation:
     @property
     def domain(self) -> str:
         return "in" if self.in_domain else "out"
+
+    @property
+    def question(self) -> str:
+        """The canonical question template (the one used for writing questions)."""
+        return self.questions[0]
 
     def question_for(self, subject: str) -> str:
         """The relation's question about ``subject``."""
@@ -45,11 +54,16 @@ class Relation:
         return self.mapping_templates[:count]
 
     def subject_from_question(self, question: str) -> str | None:
-        """Recover the subject from a question written with this relation's template."""
-        match = _question_regex(self.question).fullmatch(question.strip())
-        return match.group("subject").strip() if match else None
+        """Recover the subject from a question written with one of this relation's templates."""
+        text = question.strip()
+        for template in self.questions:
+            match = _question_regex(template).fullmatch(text)
+            if match:
+                return match.group("subject").strip()
+        return None
 
 
+@cache
 def _question_regex(template: str) -> re.Pattern[str]:
     head, tail = template.split("{subject}")
     return re.compile(re.escape(head) + r"(?P<subject>.+?)" + re.escape(tail))
@@ -58,14 +72,15 @@ def _question_regex(template: str) -> re.Pattern[str]:
 def _relation(
     pid: str,
     label: str,
-    question: str,
+    question: str | tuple[str, ...],
     in_domain: bool,
     subject_kind: str,
     object_kind: str,
     mapping: list[str],
     corpus: list[str],
 ) -> Relation:
-    return Relation(pid, label, question, in_domain, tuple(mapping), tuple(corpus),
+    questions = (question,) if isinstance(question, str) else question
+    return Relation(pid, label, questions, in_domain, tuple(mapping), tuple(corpus),
                     subject_kind, object_kind)
 
 
@@ -266,7 +281,8 @@ _RELATIONS: list[Relation] = [
         "{object} is the music that {subject} plays.",
         "As for what type of music {subject} does play, the answer is {object}.",
     ]),
-    _relation("P159", "headquarters location", "Where is the headquarters of {subject}?", True,
+    _relation("P159", "headquarters location",
+              ("Where is the headquarters of {subject}?", "Where is the headquarter of {subject}?"), True,
               "organization", "city", [
         "The headquarters of {subject} is in",
         "{subject} is headquartered in",

@@ -191,3 +191,55 @@ def test_updates_command_writes_json_and_plots(tmp_path):
         assert (tmp_path / "upd" / name).stat().st_size > 0
     assert main(["updates", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
                  "--out", str(tmp_path / "x"), "--region", "re:nothing-matches"]) == 2
+
+
+def _with_nan(source, target):
+    """A copy of a model folder with one NaN in an MLP weight."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    name = next(n for n in weights if "layers.1.mlp.up_proj" in n)
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[5] = float("nan")
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target, name
+
+
+def test_kl_refuses_nan_weights_and_writes_nothing(tiny_pair, tmp_path):
+    base_dir, tuned_dir = tiny_pair
+    annotated = _annotated_folder(tmp_path / "ann", load_split("test_in_domain")[:4], ["D4"] * 4)
+    bad, name = _with_nan(tuned_dir, tmp_path / "nan-tuned")
+    with pytest.raises(UserError, match=f"tensor {name}: NaN or Inf values in the fine-tuned model"):
+        run_kl(str(base_dir), str(bad), annotated, out=tmp_path / "kl")
+    assert not (tmp_path / "kl").exists()
+
+
+def test_strict_json_refuses_non_finite_values():
+    from sftknow_eval.analysis.checks import strict_json
+
+    assert json.loads(strict_json({"mean": 0.5}, "kl_summary.json")) == {"mean": 0.5}
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match="kl_summary.json: a value is NaN or infinite"):
+            strict_json({"per_relation": {"P17": {"mean": value}}}, "kl_summary.json")
+
+
+def test_updates_refuse_nan_like_restore_and_identical_models(tmp_path, capsys):
+    from sftknow_eval.cli import main
+
+    base, _ = _checkpoint_pair(tmp_path)
+    nan = dict(base)
+    nan["model.layers.1.mlp.up_proj.weight"] = base["model.layers.1.mlp.up_proj.weight"].clone()
+    nan["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    (tmp_path / "nan").mkdir()
+    save_file(nan, str(tmp_path / "nan" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight: NaN or "
+                                        "Inf values in the fine-tuned model"):
+        update_statistics(str(tmp_path / "base"), str(tmp_path / "nan"), progress=False)
+    code = main(["updates", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"),
+                 "--out", str(tmp_path / "same"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "are identical in region 'transformer'" in err
+    assert err.count(str(tmp_path / "base")) == 2 and not (tmp_path / "same").exists()

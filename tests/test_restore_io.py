@@ -125,8 +125,10 @@ def test_outputs_card_stats_and_transformers_load(tmp_path):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
-    assert card.data.base_model == [str(tmp_path / "tuned"), str(tmp_path / "base")]
-    assert card.data.base_model_relation == "merge"
+    # both models are local folders: no path goes into the metadata, the text names them
+    assert card.data.base_model is None and "base_model" not in card.data.to_dict()
+    assert str(tmp_path / "tuned") not in str(card.data.to_yaml())
+    assert f"`{tmp_path / 'base'}`" in card.text
     fields = card.data.restore
     assert fields["strategy"] == "top" and fields["k"] == 5 and fields["region"] == "transformer"
     stats = json.loads((folder / "restore_stats.json").read_text())
@@ -185,8 +187,9 @@ def test_bad_k_empty_region_identical(tmp_path, pair, caplog):
     with pytest.raises(UserError, match="--threads -1"):
         run(tmp_path / "threads", base, tuned, k=[5], threads=-1)
     assert not (tmp_path / "threads" / "out").exists()
-    result = run(tmp_path / "same", base, base, k=[5])
-    assert result.warnings and "nothing to restore" in result.warnings[0]
+    with pytest.raises(UserError, match=r"fine-tuned model .*tuned and the base model .*base "
+                       r"are identical .*nothing to restore"):
+        run(tmp_path / "same", base, base, k=[5])
     assert not (tmp_path / "same" / "out" / "top5").exists()
 
 
@@ -203,7 +206,7 @@ def test_pickle_refused_unless_allowed(tmp_path, pair):
         restore(RestoreConfig(**cfg))
     result = restore(RestoreConfig(**cfg, allow_pickle=True))
     folder = result.folders["top10"]
-    assert (folder / "pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
     reference = run(tmp_path / "st", base, tuned, k=[10])
     assert load_dir(folder).keys() == load_dir(reference.folders["top10"]).keys()
     for name, value in load_dir(reference.folders["top10"]).items():
@@ -276,3 +279,56 @@ def test_cli(tmp_path, pair, capsys):
     code = cli_main(["restore", "--base", str(tmp_path / "x.safetensors"), "--tuned", str(t),
                      "--out", str(tmp_path / "o3")])
     assert code == 2 and "expected a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_restored_pickle_checkpoint_loads_with_transformers(tmp_path, tiny_model_dir, shards):
+    """--allow-pickle writes a standard folder (model.safetensors, or numbered shards and an
+    index) that transformers loads, with the same values as restoring the safetensors pair."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = {k: v for k, v in load_file(tiny_model_dir / "model.safetensors").items()
+            if k != "lm_head.weight"}  # tied to the embeddings
+    generator = torch.Generator().manual_seed(1)
+    tuned = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    names = sorted(base)
+    for label, state in (("base", base), ("tuned", tuned)):
+        folder = tmp_path / label
+        shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        if shards == 1:
+            torch.save(state, folder / "pytorch_model.bin")
+        else:
+            for i, part in enumerate(np.array_split(np.arange(len(names)), shards), start=1):
+                torch.save({names[j]: state[names[j]] for j in part},
+                           folder / f"pytorch_model-{i:05d}-of-{shards:05d}.bin")
+    result = restore(RestoreConfig(base=str(tmp_path / "base"), tuned=str(tmp_path / "tuned"),
+                                   out=tmp_path / "out", k=[20], progress=False,
+                                   allow_pickle=True))
+    folder = result.folders["top20"]
+    written = sorted(p.name for p in folder.glob("*.safetensors"))
+    if shards == 1:
+        assert written == ["model.safetensors"]
+        assert not (folder / "model.safetensors.index.json").exists()
+    else:
+        assert written == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(names)
+        assert set(index["weight_map"].values()) == set(written)
+    assert not list(folder.glob("pytorch_model*"))
+    reference = run(tmp_path / "st", base, tuned, k=[20]).folders["top20"]
+    want = load_dir(reference)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert any(not torch.equal(want[n], tuned[n]) for n in names)  # something was restored
+    for name in names:
+        assert torch.equal(loaded[name], want[name]), name
+
+
+def test_cli_identical_models_exit_2(tmp_path, pair, capsys):
+    base, _ = pair
+    b, t = save_model(tmp_path / "base", base), save_model(tmp_path / "same", base)
+    code = cli_main(["restore", "--base", str(b), "--tuned", str(t), "--k", "5",
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "are identical" in err and str(b) in err and str(t) in err
+    assert not (tmp_path / "out" / "top5").exists()

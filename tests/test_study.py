@@ -19,8 +19,9 @@ from sftknow_eval.study.spec import STUDY_DIR, load_spec
 
 
 def small_spec(**grid: Any) -> dict[str, Any]:
+    # allow_smaller: the shipped pool holds 180 D4 training facts, fewer than size 240
     return {"name": "unit", "grid": {"categories": ["D0", "D4"], "sizes": [60, 240],
-                                     "seeds": [0, 1], **grid},
+                                     "seeds": [0, 1], "allow_smaller": True, **grid},
             "restore": {"k": [1, 5]}}
 
 
@@ -47,6 +48,18 @@ def test_unknown_keys_are_named_with_their_path() -> None:
     ({"eval": {"backend": "openai"}}, r"eval\.backend: 'openai' is not one of hf, vllm"),
     ({"train": {"launcher": "slurm"}}, r"train\.launcher"),
     ({"kl": {"enabled": "yes"}}, r"kl\.enabled: expected bool"),
+    ({"restore": {"k": [100]}}, r"restore\.k: 100 is not a percentage restore accepts "
+                                r"\(--k 100: k must lie strictly between 0 and 100"),
+    ({"restore": {"region": "attn"}}, r"restore\.region: --region 'attn': use one of"),
+    ({"restore": {"categories": []}}, r"restore\.categories: empty, so nothing would be restored"),
+    ({"restore": {"sizes": []}}, r"restore\.sizes: empty"),
+    ({"eval": {"splits": []}}, r"eval\.splits: must not be empty"),
+    ({}, r"^x\.yaml: the spec is empty"),
+    ({"grid": None}, r"^x\.yaml: grid: empty"),
+    ({"grid": {}}, r"^x\.yaml: grid: empty"),
+    ({"kl": {"batch_size": 0}}, r"kl\.batch_size: 0 must be at least 1"),
+    ({"probe": {"templates": 0}}, r"probe\.templates: 0 must be at least 1"),
+    ({"eval": {"batch_size": "many"}}, r"eval\.batch_size: 'many' must be a positive integer"),
 ])
 def test_bad_values_are_refused(data: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -101,6 +114,58 @@ def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert "restore/D2-1920-s1-top60" not in out  # one restore cell per model writes every k
     assert "train 90 todo" in out and "restore 15 todo" in out and "eval 196 todo" in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+# What the spec names: refused by the dry run, before anything is written (shipped annotations:
+# 180 D4 facts in the training pool).
+NAMED_INPUTS = {
+    "unknown recipe": ({"train": {"recipe": "no-such-recipe"}},
+                       r"train\.recipe: recipe no-such-recipe: no such file"),
+    "unknown override": ({"train": {"overrides": {"lerning_rate": 1e-4}}},
+                         r"train\.overrides: .*unknown recipe key\(s\) lerning_rate"),
+    "bad override value": ({"train": {"overrides": {"num_train_epochs": "many"}}},
+                           r"train\.recipe: .*tiny\.yaml: a value does not parse"),
+    "missing model": ({"model": {"path": "/nonexistent/sftknow-base"}},
+                      r"model\.path: /nonexistent/sftknow-base: no such folder"),
+    "size above pool": ({"grid": {"categories": ["D0", "D4"], "sizes": [60, 200, 400],
+                                  "allow_smaller": False}},
+                        r"grid\.sizes: 200, 400 > the 180 D4 facts in the 'train' pool"),
+    "wrong model key": ({"model": {"key": "someone-else"}},
+                        r"model\.key: 'someone-else', but .* holds mastery for 'tiny-world'"),
+    "split not annotated": ({"eval": {"splits": ["dev"]}},
+                            r"eval\.splits: no facts of split dev"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAMED_INPUTS))
+def test_dry_run_checks_what_the_spec_names(case: str, tmp_path: Path) -> None:
+    change, message = NAMED_INPUTS[case]
+    data = small_spec()
+    for section, values in change.items():
+        data[section] = {**data.get(section, {}), **values}
+    spec = spec_from_dict(data, "x.yaml")  # the values themselves are fine ...
+    with pytest.raises(UserError, match=message):  # ... what they name is not
+        run_study(spec, tmp_path / "run", dry_run=True, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_problems_are_listed_together_and_the_real_run_checks_first(
+        recorded: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = small_spec(sizes=[60, 250], allow_smaller=False)  # D0 holds 284, D4 180
+    data["train"] = {"recipe": "no-such-recipe"}
+    with pytest.raises(UserError, match=r"^x\.yaml: 2 problems:\n  train\.recipe: .*\n  "
+                                        r"grid\.sizes: 250 > the 180 D4"):
+        run_study(spec_from_dict(data, "x.yaml"), tmp_path / "run", progress=False)
+    assert recorded == [] and not (tmp_path / "run").exists()
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    assert cli.main(["study", str(spec_file), "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.recipe: recipe no-such-recipe" in err and "grid.sizes: 250" in err
+    assert not (tmp_path / "run").exists()
+    data["train"] = {"recipe": "tiny"}
+    data["grid"]["allow_smaller"] = True  # takes all 180 D4 facts for size 250
+    assert run_study(spec_from_dict(data), tmp_path / "run", dry_run=True).cells
 
 
 def test_shards_partition_the_cells() -> None:

@@ -114,6 +114,9 @@ def test_train_push_pull_round_trip(local_hub, tiny_model_dir: Path, tmp_path: P
     assert {"trl", "transformers", "torch", "huggingface-hub"} <= versions
     run = json.loads((out / "training_run.json").read_text())
     assert run["base_model"]["revision"] == base_sha and run["data"]["rows"] == 16
+    # the local folder records where it was pushed (cards of models derived from it use it)
+    assert run["pushed_to"] == {"repo_id": "study/tiny-sft",
+                                "revision": result.commit_url.rsplit("/", 1)[-1]}
     assert load_recipe(out / "recipe.yaml").model.model_name_or_path == "study/tiny-base"
 
     # pushed, then pulled back into an empty cache: byte-identical and loadable

@@ -92,3 +92,18 @@ def test_shipped_model_knowledge_is_graded_by_exposure():
     assert 0.05 < rates["1-2"] < 0.5  # rare facts: sometimes known, not a cliff
     assert rates["0"] < rates["1-2"] < rates["6-15"] < rates["16+"]
     assert rates["16+"] > 0.6
+
+
+def test_rebuilding_the_default_world_needs_force(tmp_path, monkeypatch, capsys):
+    """`world build` with no --out would replace the shipped world (its annotations too): it
+    refuses before any work unless --force."""
+    from sftknow_eval import cli
+    from sftknow_eval.world import commands
+
+    shipped = tmp_path / "world_data"
+    (shipped / "annotated").mkdir(parents=True)
+    (shipped / "annotated" / "probe_config.json").write_text("{}")
+    monkeypatch.setattr(commands, "SHIPPED_WORLD", shipped)
+    assert cli.main(["world", "build", "--quick", "--no-measure"]) == 2
+    assert "pass --force to replace it" in capsys.readouterr().err
+    assert (shipped / "annotated" / "probe_config.json").read_text() == "{}"

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kl.add_argument("--split", default="test", help="fact split to analyse (default: test)")
     kl.add_argument("--out", type=Path, required=True, help="output folder")
     kl.add_argument("--full-vocab", action="store_true", help="full-vocabulary KL instead")
-    kl.add_argument("--templates", type=int, default=None,
+    kl.add_argument("--templates", type=_positive_int, default=None,
                     help="consider only the first N mapping templates (default: all)")
-    kl.add_argument("--batch-size", type=int, default=64)
+    kl.add_argument("--batch-size", type=_positive_int, default=64,
+                    help="prompts per forward pass (default 64)")
     kl.set_defaults(func=_kl)
 
     updates = subparsers.add_parser(
@@ -46,10 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _kl(args: argparse.Namespace) -> int:
+    from sftknow_eval.analysis.checks import check_out_folder, strict_json
     from sftknow_eval.analysis.kl import run_kl
     from sftknow_eval.analysis.plots import plot_kl_vs_size
     from sftknow_eval.probe.annotated import resolve_annotated
 
+    check_out_folder(args.out)  # before any download or model load
     annotated = resolve_annotated(args.annotated)
     category = None if args.category == "all" else args.category
     rows = []
@@ -66,14 +79,17 @@ def _kl(args: argparse.Namespace) -> int:
             rows.append({**training, "kl_mean": summary["mean"], "tuned": tuned})
     if len(rows) >= 2:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kl_by_training.json").write_text(json.dumps(rows, indent=2) + "\n", "utf-8")
+        (args.out / "kl_by_training.json").write_text(
+            strict_json(rows, "kl_by_training.json", indent=2) + "\n", "utf-8")
         print(f"plot: {plot_kl_vs_size(rows, args.out / 'kl_vs_size.png')}")
     return 0
 
 
 def _updates(args: argparse.Namespace) -> int:
+    from sftknow_eval.analysis.checks import check_out_folder
     from sftknow_eval.analysis.updates import run_updates
 
+    check_out_folder(args.out)  # before any model is read
     stats = run_updates(args.base, args.tuned, args.out, region=args.region,
                         progress=not args.no_progress)
     print(f"{stats['elements']:,} elements in {stats['tensors']} tensors of region "

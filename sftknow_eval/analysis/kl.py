@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -194,10 +195,20 @@ def run_kl(base: str, tuned: str, annotated: str | Path, *, category: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftknow_eval import hub
+    from sftknow_eval.analysis.checks import (
+        check_out_folder,
+        positive_int,
+        require_finite_models,
+        strict_json,
+    )
     from sftknow_eval.atomic import atomic_folder
     from sftknow_eval.probe.annotated import load_annotated
     from sftknow_eval.versions import library_versions
 
+    positive_int(batch_size, "--batch-size")
+    positive_int(templates, "--templates", allow_none=True)
+    if out is not None:
+        check_out_folder(out)
     facts, model_key, scheme = load_annotated(annotated)
     chosen = [f for f in facts if f.split == split
               and (category is None or f.category(model_key) == category)]
@@ -209,9 +220,14 @@ def run_kl(base: str, tuned: str, annotated: str | Path, *, category: str | None
     check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(tuned_path))
     base_model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     tuned_model = AutoModelForCausalLM.from_pretrained(tuned_path, dtype=torch.float32).eval()
+    require_finite_models(base_model, tuned_model)  # NaN / Inf weights: refused, as in restore
     records, templates_used = compare_first_tokens(
         base_model, tuned_model, tokenizer, chosen, model_key, full_vocab=full_vocab,
         templates=templates, batch_size=batch_size)
+    broken = [r.id for r in records if not math.isfinite(r.kl)]
+    if broken:
+        raise UserError(f"the KL of {len(broken)} fact(s) is not finite (first: {broken[0]}): "
+                        f"the logits of {base} or {tuned} overflow; nothing written")
     summary = {
         "base": base, "tuned": tuned, "annotated": str(annotated), "mastery_model": model_key,
         "scheme": scheme, "category": category, "split": split,
@@ -220,9 +236,9 @@ def run_kl(base: str, tuned: str, annotated: str | Path, *, category: str | None
         **summarize(records), "templates": templates_used, "versions": library_versions(),
     }
     if out is not None:
+        lines = "".join(strict_json(asdict(r), "kl.jsonl") + "\n" for r in records)
+        text = strict_json(summary, "kl_summary.json", indent=2) + "\n"
         with atomic_folder(out) as staging:
-            (staging / "kl.jsonl").write_text(
-                "".join(json.dumps(asdict(r)) + "\n" for r in records), encoding="utf-8")
-            (staging / "kl_summary.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                                     encoding="utf-8")
+            (staging / "kl.jsonl").write_text(lines, encoding="utf-8")
+            (staging / "kl_summary.json").write_text(text, encoding="utf-8")
     return summary

@@ -14,7 +14,6 @@ Three passes over the tensors (one tensor in memory at a time), with restore's e
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sftknow_eval.analysis.checks import check_out_folder, require_finite, strict_json
 from sftknow_eval.errors import UserError
 from sftknow_eval.weights import topk
 from sftknow_eval.weights.checkpoint import Checkpoint, preflight, resolve_model
@@ -53,9 +53,11 @@ class _Tensors:
     def keys(self, desc: str, progress: bool) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
         """Each tensor's name, r and keys (r's bits as int64), in order."""
         for name in tqdm(self.names, desc=desc, unit="tensor", disable=not progress):
-            r = topk.relative_change(self.base.tensor(name), self.tuned.tensor(name))
+            base, tuned = self.base.tensor(name), self.tuned.tensor(name)
+            r = topk.relative_change(base, tuned)
             if not torch.isfinite(r).all():
-                raise UserError(f"tensor {name}: NaN or Inf in the base or tuned weights")
+                require_finite(name, {"base": base, "fine-tuned": tuned})
+                raise UserError(f"tensor {name}: the relative change overflows float32")
             yield name, r, r.view(torch.int32).numpy().astype(np.int64)
 
 
@@ -137,6 +139,10 @@ def update_statistics(base: str, tuned: str, *, region: str = "transformer",
     pair = _Tensors(base, tuned, region)
     hist = _histogram(pair, progress)
     total_sum = float(hist["sums"].sum())
+    if total_sum == 0:
+        raise UserError(f"the fine-tuned model {tuned} and the base model {base} are identical "
+                        f"in region {region!r}: every relative change is 0, there is no update "
+                        "to analyse; nothing written")
     cuts, slots, fine = _cuts(pair, hist["counts"], sorted({*concentration_ks, *share_ks}),
                               progress)
     concentration, thresholds = {}, {}
@@ -180,13 +186,16 @@ def run_updates(base: str, tuned: str, out: str | Path | None = None, *,
     from sftknow_eval.atomic import atomic_folder
     from sftknow_eval.versions import library_versions
 
+    if out is not None:
+        check_out_folder(out)
     stats = update_statistics(base, tuned, region=region, progress=progress)
     stats["versions"] = library_versions()
     if out is not None:
         from sftknow_eval.analysis import plots
 
         with atomic_folder(out) as staging:
-            (staging / "updates.json").write_text(json.dumps(stats, indent=2) + "\n", "utf-8")
+            (staging / "updates.json").write_text(
+                strict_json(stats, "updates.json", indent=2) + "\n", "utf-8")
             plots.plot_concentration(stats["concentration"], staging / "concentration.png")
             share_k = "10" if "10" in stats["layer_shares"] else next(iter(stats["layer_shares"]))
             plots.plot_shares(stats["layer_shares"][share_k], staging / "layer_shares.png",

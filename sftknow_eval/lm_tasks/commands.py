@@ -24,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     write.add_argument("--out", type=Path, required=True, help="folder to write (an include path)")
     write.add_argument("--splits", default="test",
                        help="comma-separated fact splits to include (default: test)")
-    write.add_argument("--force", action="store_true", help="replace an existing folder")
+    write.add_argument("--force", action="store_true",
+                       help="write into a non-empty OUT: replaces only the family's own files "
+                       "(YAMLs, data/, utils.py, family.json, also those of its previous "
+                       "version); other files in OUT are kept")
     write.set_defaults(func=_write)
 
     results = subparsers.add_parser(
@@ -32,9 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read lm-eval results JSON (and samples files when present) of our task "
         "families: per-bucket accuracy, Acc in-domain and Acc out-of-domain, one row per "
         "model and family.")
-    results.add_argument("paths", nargs="+", help="lm-eval --output_path folders or results files")
+    results.add_argument("paths", nargs="+",
+                         help="lm-eval --output_path folders or results files; each must hold "
+                         "results of one of our task families")
     results.add_argument("--format", choices=("md", "csv", "json"), default="md")
-    results.add_argument("--save", type=Path, help="also write the table to this file")
+    results.add_argument("--save", type=Path, help="also write the table to this file "
+                         "(not a folder; missing parent folders are created)")
     results.set_defaults(func=_results)
 
     card = subparsers.add_parser("card", help="model card helpers",
@@ -43,9 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add = card_actions.add_parser(
         "add-results", help="write per-bucket scores into a model card's eval results",
         description="Put the per-bucket CBQA scores of lm-eval output into the model-index "
-        "of a model card: a local model folder's README.md, or a Hub repo's (needs HF_TOKEN).")
+        "of a model card: a local model folder's README.md, or a Hub repo's (needs HF_TOKEN). "
+        "The results must be for that model (lm-eval's pretrained=...); each (task, dataset, "
+        "metric) appears once, the newest results winning. A card whose YAML metadata does not "
+        "parse is refused, not rewritten.")
     add.add_argument("--results", nargs="+", required=True, help="lm-eval output folders or files")
     add.add_argument("--model", required=True, help="model folder or Hub repo id")
+    add.add_argument("--force", action="store_true",
+                     help="write results whose recorded model is not --model (or is not recorded)")
     add.set_defaults(func=_add_results)
 
 
@@ -70,12 +81,14 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from sftknow_eval.lm_tasks.results import collect, render
+    from sftknow_eval.lm_tasks.results import check_table_file, collect, render, save_table
 
+    if args.save:
+        check_table_file(args.save)  # before any reading
     text = render(collect(args.paths), args.format)
     print(text)
     if args.save:
-        args.save.write_text(text + "\n", encoding="utf-8")
+        save_table(text, args.save)
     return 0
 
 
@@ -83,5 +96,5 @@ def _add_results(args: argparse.Namespace) -> int:
     from sftknow_eval.lm_tasks.card_results import add_results
     from sftknow_eval.lm_tasks.results import collect
 
-    print(add_results(args.model, collect(args.results)))
+    print(add_results(args.model, collect(args.results), force=args.force))
     return 0

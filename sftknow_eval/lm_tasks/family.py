@@ -6,11 +6,18 @@ A family folder is self-contained: YAMLs, a ``utils.py`` shim over ``scoring.py`
 bucket data in ``data/``, found relative to ``utils.py``, so ``lm_eval --include_path <folder>``
 works from any working directory. An empty bucket gets no task: the group lists the buckets
 that exist and ``absent_buckets`` in its metadata names the others.
+
+Rewriting a folder (``force``) replaces only the family's own files: those the new version
+writes, those the previous version wrote (read from its ``family.json``), and any file named
+like one of the family's (``_<family>*.yaml``, ``<family>_<id|ood>_<bucket>.yaml``,
+``data/<id|ood>_<bucket>.jsonl``, ``utils.py``, ``family.json``, ``__pycache__/``). Anything
+else in the folder is kept. The new folder is assembled beside the old one and swapped in.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +30,9 @@ from sftknow_eval.errors import UserError
 from sftknow_eval.facts import Fact
 from sftknow_eval.prompts import ANSWER_MARKER, QUESTION_MARKER
 
+logger = logging.getLogger(__name__)
+
+FAMILY_FILE = "family.json"
 DOMAINS = {"in": "id", "out": "ood"}
 UTILS_SHIM = '''"""lm-eval hooks of this task family (written by `sftknow-eval tasks write`)."""
 
@@ -104,6 +114,36 @@ def _doc(fact: Fact, category: str) -> dict[str, Any]:
             "answer": fact.object, "aliases": fact.answers(), "category": category}
 
 
+def family_files(family: str, buckets: tuple[str, ...] | list[str]) -> set[str]:
+    """Every file name (relative, ``/``-separated) a family of these buckets may write."""
+    names = {"utils.py", FAMILY_FILE, f"_{family}.yaml"}
+    for domain in DOMAINS:
+        names.add(f"_{domain_group(family, domain)}.yaml")
+        for bucket in buckets:
+            names.add(f"{bucket_task(family, domain, bucket)}.yaml")
+            names.add(f"data/{DOMAINS[domain]}_{bucket}.jsonl")
+    return names
+
+
+def _previous_files(out: Path) -> set[str]:
+    """The files the family already in ``out`` wrote, from its ``family.json`` (empty when
+    there is none or it cannot be read)."""
+    path = out / FAMILY_FILE
+    if not path.is_file():
+        return set()
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        family = previous["family"]
+        buckets = {b for counts in previous["items"].values() for b in counts}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        logger.warning("%s is not a family.json of `tasks write`; only files named like the "
+                       "new family's are replaced", path)
+        return set()
+    if not isinstance(family, str):
+        return set()
+    return family_files(family, sorted(buckets))
+
+
 def write_family(
     facts: list[Fact], model_key: str, scheme: str, buckets: tuple[str, ...], family: str,
     out: str | os.PathLike[str], *, splits: tuple[str, ...] = ("test",), force: bool = False,
@@ -113,8 +153,11 @@ def write_family(
     if not family.replace("_", "").isalnum():
         raise UserError(f"family name {family!r} must be letters, digits and underscores")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out takes a folder (an lm-eval include path)")
     if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace the "
+                              "family's files in it (other files are kept)")
     chosen = [f for f in facts if f.split in splits]
     if not chosen:
         raise UserError(f"no facts of split(s) {', '.join(splits)} to write tasks for")
@@ -131,7 +174,12 @@ def write_family(
 
     summary: dict[str, Any] = {"family": family, "mastery_model": model_key, "scheme": scheme,
                                "groups": {}, "items": {}}
-    with atomic_folder(out) as staging:
+    owned = family_files(family, buckets) | _previous_files(out)
+
+    def keep(relative: str) -> bool:
+        return relative not in owned and relative.split("/")[0] != "__pycache__"
+
+    with atomic_folder(out, keep=keep) as staging:
         (staging / "utils.py").write_text(UTILS_SHIM, encoding="utf-8")
         (staging / "data").mkdir()
         top_children = []
@@ -156,5 +204,16 @@ def write_family(
         _dump({"group": family, "task": top_children,
                "metadata": {"version": 1.0, "scheme": scheme, "mastery_model": model_key}},
               staging / f"_{family}.yaml")
-        (staging / "family.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        (staging / FAMILY_FILE).write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        dropped = sorted(name for name in owned & _existing_files(out)
+                         if not (staging / name).is_file())
+        if dropped:
+            logger.info("%s: removing %s (no longer part of family %s)", out, ", ".join(dropped),
+                        family)
     return summary
+
+
+def _existing_files(out: Path) -> set[str]:
+    if not out.is_dir():
+        return set()
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}

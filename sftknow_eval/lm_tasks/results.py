@@ -37,26 +37,39 @@ class FamilyScores:
     per_relation: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _results_in(path: Path) -> list[Path]:
+    """The lm-eval results JSON of one given path: the file itself, or the newest
+    ``results_*.json`` of every folder under it."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"no such lm-eval output: {path}")
+    per_folder: dict[Path, list[Path]] = defaultdict(list)
+    for file in path.rglob("results_*.json"):
+        if file.is_file():
+            per_folder[file.parent].append(file)
+    return sorted(sorted(files)[-1] for files in per_folder.values())
+
+
 def find_results_files(paths: list[str | Path]) -> list[Path]:
-    """Every lm-eval results JSON under ``paths`` (the newest one per folder)."""
+    """Every lm-eval results JSON under ``paths`` (the newest one per folder); a UserError
+    naming each given folder that holds none."""
     found: list[Path] = []
+    empty: list[str] = []
     for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            per_folder: dict[Path, list[Path]] = defaultdict(list)
-            for file in path.rglob("results_*.json"):
-                per_folder[file.parent].append(file)
-            found.extend(sorted(files)[-1] for files in per_folder.values())
-        else:
-            raise UserError(f"no such lm-eval output: {path}")
-    if not found:
-        raise UserError("no lm-eval results_*.json found under " + ", ".join(map(str, paths)))
+        files = _results_in(Path(raw))
+        if not files:
+            empty.append(str(raw))
+        found.extend(f for f in files if f.resolve() not in {g.resolve() for g in found})
+    if empty:
+        raise UserError("no lm-eval results_*.json under " + ", ".join(empty)
+                        + " (give lm_eval --output_path folders or results files)")
     return sorted(found)
 
 
-def _model_name(data: dict[str, Any], path: Path) -> str:
+def recorded_model(data: dict[str, Any]) -> str | None:
+    """The model an lm-eval results file names: ``pretrained=`` of ``config.model_args``,
+    else lm-eval's ``model_name``; None when it records neither."""
     args = (data.get("config") or {}).get("model_args")
     if isinstance(args, dict) and args.get("pretrained"):
         return str(args["pretrained"])
@@ -64,16 +77,29 @@ def _model_name(data: dict[str, Any], path: Path) -> str:
         match = re.search(r"pretrained=([^,]+)", args)
         if match:
             return match.group(1)
-    return data.get("model_name") or path.parent.name
+    name = data.get("model_name")
+    return str(name) if name else None
+
+
+def _model_name(data: dict[str, Any], path: Path) -> str:
+    return recorded_model(data) or path.parent.name
+
+
+def read_results_file(path: Path) -> dict[str, Any]:
+    """One lm-eval results file as a dict; a UserError naming it when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data["results"], dict):
+            raise TypeError("no 'results' object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not an lm-eval results file ({error})") from None
+    return data
 
 
 def read_results(path: Path) -> list[FamilyScores]:
     """Our task families found in one lm-eval results file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        results = data["results"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is not an lm-eval results file ({error})") from None
+    data = read_results_file(path)
+    results = data["results"]
     subtasks: dict[str, list[str]] = data.get("group_subtasks", {})
     model = _model_name(data, path)
     families: dict[str, FamilyScores] = {}
@@ -115,11 +141,48 @@ def _per_relation(results_path: Path, tasks: list[str], domain: str) -> dict[str
 
 
 def collect(paths: list[str | Path]) -> list[FamilyScores]:
-    scores = [s for file in find_results_files(paths) for s in read_results(file)]
-    if not scores:
-        raise UserError("the results hold none of our task families (groups named <family>_id "
-                        "/ <family>_ood with <group>_<bucket> tasks)")
+    """Our families' scores from every given path; a UserError naming each path that yields
+    none (no results files, or results of other tasks only)."""
+    find_results_files(paths)  # names every folder without results files, all at once
+    scores: list[FamilyScores] = []
+    seen: set[Path] = set()
+    without: list[str] = []
+    for raw in paths:
+        files = [f for f in _results_in(Path(raw)) if f.resolve() not in seen]
+        found = [s for file in files for s in read_results(file)]
+        seen.update(f.resolve() for f in files)
+        if not found and files:
+            without.append(str(raw))
+        scores.extend(found)
+    if without:
+        raise UserError("the results under " + ", ".join(without) + " hold none of our task "
+                        "families (groups named <family>_id / <family>_ood with "
+                        "<group>_<bucket> tasks)")
     return scores
+
+
+def check_table_file(path: str | Path) -> Path:
+    """A UserError when ``path`` cannot take a table file (a folder, or under a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--save {path} is a folder; give a file name, e.g. {path / 'table.md'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--save {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def save_table(text: str, path: str | Path) -> Path:
+    """Write a rendered table to the file ``path`` (its folder is created)."""
+    path = check_table_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"--save {path}: cannot write the table ({error.strerror})") from None
+    return path
 
 
 def _columns(scores: list[FamilyScores]) -> list[str]:

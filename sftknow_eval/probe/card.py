@@ -93,7 +93,8 @@ def card_body(config: dict[str, Any]) -> str:
         f"# Knowledge mastery of `{config['model_key']}`",
         "",
         "Every fact annotated with how well the base model already knows it, written by "
-        "`sftknow-eval probe` (docs/METHOD.md §2 of sftknow-eval). Load it with "
+        "`sftknow-eval probe`, the mastery probe of the sftknow-eval package (described in its "
+        "docs/METHOD.md, section 2). Load it with "
         "`sftknow_eval.probe.annotated.load_annotated(folder)` or `datasets.load_dataset(repo)`; "
         f"each row's `mastery[\"{config['model_key']}\"]` holds the score and category.",
         "",

@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     from sftknow_eval.probe.run import ModelSpec, probe_facts, push_annotated
     from sftknow_eval.readers import load_facts
 
+    if args.push_to:  # a bad repo id, a missing token or a repo with content fail before probing
+        from sftknow_eval import hub
+
+        hub.check_push_target(args.push_to, repo_type="dataset", overwrite=args.overwrite_remote)
     try:
         gen_kwargs = simple_parse_args_string(args.gen_kwargs) if args.gen_kwargs else {}
     except ValueError as error:

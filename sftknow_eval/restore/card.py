@@ -4,19 +4,41 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from sftknow_eval.lineage import HubOrigin, hub_origin
+
+
+def _side(origin: HubOrigin | None) -> dict[str, object]:
+    """A model as card metadata may name it: its Hub id and revision, or nothing (local)."""
+    return {"hub_id": origin.repo_id if origin else None,
+            "revision": origin.revision if origin else None}
+
+
+def _label(model: dict[str, object], origin: HubOrigin | None) -> str:
+    if origin is None:
+        return f"the local folder `{model['source']}`"
+    if str(model["source"]) != origin.repo_id:
+        return f"{origin.markdown()} (read from the local copy `{model['source']}`)"
+    return origin.markdown()
+
 
 def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object],
                settings: dict[str, object], summary: dict[str, object]) -> ModelCard:
     """A card recording base and tuned models (with revisions), region, strategy, k, seed, counts.
 
-    ``base_model`` lists the fine-tuned model first, then the base; the relation is ``merge``
-    because every weight comes from one of the two.
+    The parent of a restored model is the fine-tuned model: ``base_model`` (with
+    ``base_model_revision``) is its Hub id when it came from the Hub or a local folder that
+    records its Hub repo (``lineage.hub_origin``), and is left out otherwise; a local path is
+    never put in the metadata. The base model, whose weights part of it returns to, is named
+    in the text (and by Hub id, when it has one, under ``restore.base``). No
+    ``base_model_relation`` is set: the Hub's values (adapter, merge, quantized, finetune)
+    have none for a partial revert to a grandparent, and ``merge`` needs several parents.
     """
-    sources = [str(tuned["source"]), str(base["source"])]
+    tuned_origin = hub_origin(str(tuned["source"]), _text(tuned.get("revision")))
+    base_origin = hub_origin(str(base["source"]), _text(base.get("revision")))
     restore_fields = {
         "variant": variant,
-        "base": base,
-        "tuned": tuned,
+        "base": _side(base_origin),
+        "tuned": _side(tuned_origin),
         **settings,
         "region_elements": summary["region_elements"],
         "restored_elements": summary["restored_elements"],
@@ -24,12 +46,13 @@ def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object
         "concentration": summary["concentration"],
     }
     data = ModelCardData(
-        base_model=sources,
-        base_model_relation="merge",
+        base_model=tuned_origin.repo_id if tuned_origin else None,
+        base_model_revision=tuned_origin.revision if tuned_origin else None,
         library_name="transformers",
         tags=["sftknow-eval", "parameter-restoration", f"restore-{settings['strategy']}"],
         restore=restore_fields,
     )
+    tuned_name = tuned_origin.repo_id if tuned_origin else tuned["source"]
     k = settings.get("k")
     size = "largest" if settings["strategy"] == "top" else "smallest"
     what = (f"the {k}% of elements with the {size} relative change"
@@ -42,11 +65,12 @@ def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object
     concentration = summary["concentration"]
     shown = "-" if concentration is None else f"{concentration:.4f}"
     body = f"""
-# {variant}: {tuned['source']} with part of its fine-tuning undone
+# {variant}: {tuned_name} with part of its fine-tuning undone
 
-Made by `sftknow-eval restore` (parameter restoration, Ye et al., EMNLP 2025): in the region
-`{settings['region']}`, {what} were reset from the fine-tuned model to the base model.
-Relative change is r = |tuned - base| / (|base| + 1e-8), in float32.
+Made by `sftknow-eval restore` (parameter restoration, Ye et al., EMNLP 2025) from the
+fine-tuned model {_label(tuned, tuned_origin)} and its base model {_label(base, base_origin)}:
+in the region `{settings['region']}`, {what} were reset from the fine-tuned model to the base
+model. Relative change is r = |tuned - base| / (|base| + 1e-8), in float32.
 
 | | |
 |---|---|
@@ -70,3 +94,7 @@ Restored elements per module:
 Full statistics: `restore_stats.json` and `restore_stats.tsv` in this repository.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _text(value: object) -> str | None:
+    return str(value) if value else None

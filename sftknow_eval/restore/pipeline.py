@@ -137,6 +137,13 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
     groups = parse_layer_groups(cfg.layers) if cfg.layers else []
     region_pattern(cfg.region)
     out = Path(cfg.out)
+    if cfg.push_to:  # every variant's repo id, token and empty repo, before any work
+        from sftknow_eval import hub
+
+        names = [variant_name(strategy, k) for k in dict.fromkeys(ks)]
+        names += [f"layers{_group_text(group)}" for group in groups]
+        for name in names:
+            hub.check_push_target(f"{cfg.push_to}-{name}")
 
     base_model = resolve_model(cfg.base, cfg.base_revision)
     tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
@@ -219,12 +226,10 @@ def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: Re
     scanned = scan(pair, floats, selection, bool(selecting), workers, size, cfg.progress)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
-        message = (f"the fine-tuned and base models are {what} ({cfg.region!r}): nothing to "
-                   "restore; no variant written")
-        log.warning(message)
-        result.warnings.append(message)
-        result.folders.clear()
-        return
+        base.close()
+        tuned.close()
+        raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
+                        f"{what} (region {cfg.region!r}): nothing to restore, no variant written")
     if selecting:
         thresholds = topk.threshold_bins(
             scanned.hist, [topk.count_to_select(total, v.k) for v in selecting])

@@ -13,7 +13,8 @@ training split's in-domain relations, balanced across those relations, seeded.
 
 Writes OUT as TRL prompt-completion jsonl with the paper's prompt
 ("<|question|> {question} <|answer|>" -> " {answer}") and OUT.meta.json (category, requested
-and real size, seed, source, base model, scheme, per-relation counts).
+and real size, seed, source, base model, scheme, per-relation counts). An existing OUT is not
+replaced without --force: a model trained on it records its sha256 in its card.
 """
 
 EPILOG = """\
@@ -30,7 +31,8 @@ def register(subparsers: Any) -> None:
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--annotated", default=None,
-                        help="a finished probe folder (default: the tiny world's shipped annotations)")
+                        help="a finished probe folder or a Hub dataset id of one (default: the tiny "
+                             "world's shipped annotations)")
     parser.add_argument("--category", required=True,
                         help="D0..D4 (ye2025) or HighlyKnown/MaybeKnown/WeaklyKnown/Unknown (slick); "
                              "a comma list for equal shares; 'mixed' for all of the scheme's")
@@ -42,6 +44,9 @@ def register(subparsers: Any) -> None:
                         help="when a category holds fewer facts than asked, take them all "
                              "(the real size is recorded in the sidecar) instead of failing")
     parser.add_argument("--split", default="train", help="split to draw from (default train)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing OUT and OUT.meta.json (models trained on the "
+                             "old set record its sha256; their cards will no longer match it)")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     annotated = args.annotated or shipped_annotated()
     rows, meta = select_sft_set(annotated, args.category, args.size, args.seed, args.out,
-                                allow_smaller=args.allow_smaller, split=args.split)
+                                allow_smaller=args.allow_smaller, split=args.split,
+                                overwrite=args.force)
     shown = {k: meta[k] for k in ("category", "size_requested", "size", "seed", "base_model",
                                   "scheme", "per_relation")}
     print(f"wrote {len(rows)} examples to {args.out} (+ .meta.json)")

@@ -12,8 +12,11 @@ and the sidecar ``<out>.meta.json``::
      "source": "<annotated folder>", "base_model": "<model key>", "scheme": "ye2025", ...}
 
 (``category`` reads ``"D0+D4"`` for a mixed set; ``categories``, ``per_category`` and
-``per_relation`` give the detail). The pool is the annotated facts of one split (``train``)
-whose relation is in-domain (docs/METHOD.md §1); ``size="all"`` takes every fact of the category.
+``per_relation`` give the detail; ``dataset_id`` and ``dataset_revision`` name the Hub dataset
+the annotations came from, when they did). The pool is the annotated facts of one split
+(``train``) whose relation is in-domain (docs/METHOD.md §1); ``size="all"`` takes every fact
+of the category. An existing set is never replaced silently (a trained model's card records
+its sha256): that takes ``overwrite=True`` (``--force``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.facts import Fact
-from sftknow_eval.probe.annotated import load_annotated, read_config
+from sftknow_eval.lineage import folder_origin
+from sftknow_eval.probe.annotated import load_annotated, read_config, resolve_annotated
 from sftknow_eval.probe.categories import CATEGORIES, check_category
 from sftknow_eval.prompts import qa_completion, qa_prompt
 from sftknow_eval.relations import IN_DOMAIN
@@ -152,6 +156,31 @@ def meta_path(out: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(out)}.meta.json")
 
 
+def check_out(out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """``out`` as a path an SFT set may be written to; a UserError for a folder (or a path
+    under a file), a FileExistsError for an existing set or sidecar unless ``overwrite``."""
+    out = Path(out)
+    sidecar = meta_path(out)
+    for path in (out, sidecar):
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; --out takes the file name of the set, "
+                            f"e.g. {out / 'D2-120-s0.jsonl'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {out}: {parent} is a file, not a folder")
+            break
+    existing = [str(path) for path in (out, sidecar) if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; a model "
+            "trained on that set records its "
+            "sha256 in its card, so it is not replaced silently: pass --force "
+            "(overwrite=True) to replace it, or pick another --out"
+        )
+    return out
+
+
 def _atomic_text(path: Path, text: str) -> Path:
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
                                          prefix=f".{path.name}.", delete=False)
@@ -161,9 +190,10 @@ def _atomic_text(path: Path, text: str) -> Path:
 
 
 def write_sft_set(rows: Sequence[dict[str, Any]], meta: dict[str, Any],
-                  out: str | os.PathLike[str]) -> Path:
-    """Write the rows and the sidecar; both land by rename (data first, sidecar last)."""
-    out = Path(out)
+                  out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the rows and the sidecar; both land by rename (data first, sidecar last). An
+    existing set is replaced only with ``overwrite`` (see :func:`check_out`)."""
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     temps = [_atomic_text(out, data),
@@ -186,12 +216,18 @@ def select_sft_set(
     *,
     allow_smaller: bool = False,
     split: str = "train",
+    overwrite: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Read an annotated probe folder, draw one SFT set, write it (when ``out`` is given)."""
-    config = read_config(annotated)
-    facts, model_key, scheme = load_annotated(annotated)
+    """Read annotated facts (a probe folder, ``shipped`` or a Hub dataset id), draw one SFT
+    set, write it (when ``out`` is given; an existing set only with ``overwrite``)."""
+    folder = resolve_annotated(annotated)
+    config = read_config(folder)
+    facts, model_key, scheme = load_annotated(folder)
     categories = parse_categories(category, scheme)
     size = parse_size(size)
+    if out is not None:
+        check_out(out, overwrite)  # before drawing
+    dataset = folder_origin(folder, repo_type="dataset")
     selection = select_facts(facts, model_key, categories, size, seed,
                              allow_smaller=allow_smaller, split=split)
     rows = sft_rows(selection, model_key)
@@ -201,6 +237,8 @@ def select_sft_set(
         "size": len(rows),
         "seed": seed,
         "source": os.fspath(annotated),
+        "dataset_id": dataset.repo_id if dataset else None,
+        "dataset_revision": dataset.revision if dataset else None,
         "base_model": model_key,
         "scheme": scheme,
         "categories": categories,
@@ -214,5 +252,5 @@ def select_sft_set(
         "prompt_format": "<|question|> {question} <|answer|> + ' {answer}'",
     }
     if out is not None:
-        write_sft_set(rows, meta, out)
+        write_sft_set(rows, meta, out, overwrite=overwrite)
     return rows, meta

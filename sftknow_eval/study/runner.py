@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.study import stages
 from sftknow_eval.study.plan import Cell, plan, select_cells
+from sftknow_eval.study.preflight import check_inputs
 from sftknow_eval.study.spec import StudySpec
 from sftknow_eval.versions import library_versions
 
@@ -103,9 +104,11 @@ def run_study(spec: StudySpec, out: str | Path | None = None, *,
     """Run (or, with ``dry_run``, list) the study's cells; returns what happened.
 
     A failing cell is recorded and its dependents are blocked; independent cells still run.
-    The report is written by unsharded runs only (a shard holds part of the grid).
+    The report is written by unsharded runs only (a shard holds part of the grid). What the
+    spec names is checked first (``preflight``), for a dry run as for a real one.
     """
     started = time.perf_counter()
+    check_inputs(spec)
     run_dir = spec.run_dir(out)
     all_cells = plan(spec)
     cells = select_cells(all_cells, shard)

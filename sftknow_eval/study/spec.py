@@ -282,6 +282,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def spec_from_dict(data: dict[str, Any], source: str = "<dict>") -> StudySpec:
     """Build and validate a spec; UserError names the source file and the key."""
+    if not data:
+        raise UserError(f"{source}: the spec is empty; a study names at least its grid "
+                        "(categories, sizes, seeds): start from recipes/study/tiny.yaml")
+    if isinstance(data, dict) and "grid" in data and not data["grid"]:
+        raise UserError(f"{source}: grid: empty; name its categories, sizes and seeds (or leave "
+                        "the section out for the default grid)")
     try:
         spec = _build(StudySpec, data, "")
         validate(spec)
@@ -317,6 +323,15 @@ def validate(spec: StudySpec) -> None:
         raise UserError(f"probe.scheme: {probe.scheme!r} is not one of {', '.join(SCHEMES)}")
     if probe.annotated is None and not probe.facts:
         raise UserError("probe: give `annotated` (an annotated folder) or `facts` to probe")
+    counts = {"probe.templates": probe.templates, "probe.samples": probe.samples,
+              "probe.max_new_tokens": probe.max_new_tokens, "kl.batch_size": spec.kl.batch_size}
+    for key, count in counts.items():
+        if count is not None and count < 1:
+            raise UserError(f"{key}: {count} must be at least 1")
+    for key, size in (("probe.batch_size", probe.batch_size),
+                      ("eval.batch_size", spec.eval.batch_size)):
+        if (size < 1) if isinstance(size, int) else not size.startswith("auto"):
+            raise UserError(f"{key}: {size!r} must be a positive integer or 'auto'")
     categories = CATEGORIES[probe.scheme]
     grid = spec.grid
     for name in ("categories", "sizes", "seeds"):
@@ -342,23 +357,41 @@ def validate(spec: StudySpec) -> None:
         raise UserError("eval.limit: must be at least 1 (or null for every item)")
     if spec.kl.enabled and spec.kl.category not in categories:
         raise UserError(f"kl.category: {spec.kl.category!r} is not a {probe.scheme} category")
+    if not spec.eval.splits:
+        raise UserError("eval.splits: must not be empty (the annotated splits to evaluate on)")
     restore = spec.restore
     if restore is not None:
+        # restore's own checks (a restore.k of 100 is refused like --k 100)
+        from sftknow_eval.weights.regions import region_pattern
+        from sftknow_eval.weights.topk import STRATEGIES, validate_k
+
         if not restore.k:
             raise UserError("restore.k: must not be empty (or set restore: null)")
         for k in restore.k:
-            if not 0 < k <= 100:
-                raise UserError(f"restore.k: {k:g} is not a percentage in (0, 100]")
+            try:
+                validate_k(k)
+            except UserError as error:
+                raise UserError(f"restore.k: {k:g} is not a percentage restore accepts "
+                                f"({error})") from None
+        try:
+            region_pattern(restore.region)
+        except UserError as error:
+            raise UserError(f"restore.region: {error}") from None
         if isinstance(restore.sizes, str) and restore.sizes not in ("largest", "all"):
             raise UserError(f"restore.sizes: {restore.sizes!r}: use 'largest', 'all' or a list")
         if isinstance(restore.sizes, list):
             missing = [s for s in restore.sizes if s not in grid.sizes]
             if missing:
                 raise UserError(f"restore.sizes: {missing} not in grid.sizes {grid.sizes}")
+        for name in ("sizes", "categories", "seeds"):
+            if getattr(restore, name) == []:
+                raise UserError(f"restore.{name}: empty, so nothing would be restored; leave it "
+                                "out (every model of the grid) or set restore: null")
         for name in ("categories", "seeds"):
             chosen = getattr(restore, name)
             missing = [v for v in chosen or [] if v not in getattr(grid, name)]
             if missing:
                 raise UserError(f"restore.{name}: {missing} not in grid.{name}")
-        if restore.strategy not in ("top", "bottom", "random"):
-            raise UserError(f"restore.strategy: {restore.strategy!r} is not top, bottom or random")
+        if restore.strategy not in STRATEGIES:
+            raise UserError(f"restore.strategy: {restore.strategy!r} is not one of "
+                            f"{', '.join(STRATEGIES)}")

@@ -4,8 +4,9 @@ The output folder holds safetensors weights, config, generation config, tokenize
 card (README.md, built with huggingface_hub's ModelCard) and ``training_run.json`` (the
 effective recipe, data digest and metadata, metrics, library versions) plus ``recipe.yaml``
 (the effective flat recipe, reusable with ``trl sft --config``). It is written to a temporary
-folder beside ``out`` and renamed into place when complete; a rerun with the same config and
-data finds it and skips the work.
+folder beside ``out`` and renamed into place when complete (a later run removes the ones
+killed runs left, see ``sftknow_eval.atomic``); a rerun with the same config and data finds it
+and skips the work. After ``push_to``, ``training_run.json`` records the repo and commit.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sftknow_eval import hub
+from sftknow_eval.atomic import clean_stale_work, work_folder
 from sftknow_eval.errors import UserError
+from sftknow_eval.lineage import HubOrigin, commit_sha, folder_origin, is_hub_id
 from sftknow_eval.train.recipes import Recipe, load_recipe
 from sftknow_eval.versions import library_versions
 
@@ -159,13 +161,31 @@ def build_trainer(recipe: Recipe, rows: list[dict[str, str]], model_path: Path, 
 # card
 
 
+def _dataset_origin(meta: dict[str, Any]) -> HubOrigin | None:
+    """The Hub dataset an SFT set was drawn from, as its select sidecar records it."""
+    for key in ("dataset_id", "dataset"):
+        value = meta.get(key)
+        if isinstance(value, str) and "/" in value and is_hub_id(value):
+            revision = meta.get("dataset_revision")
+            return HubOrigin(value, revision if isinstance(revision, str) else None, "dataset")
+    return None
+
+
 def build_card(*, base_id: str, base_revision: str | None, base_is_hub: bool,
                data: Path, data_sha256: str, n_rows: int, meta: dict[str, Any],
                recipe: Recipe, versions: dict[str, str], metrics: dict[str, Any],
                name: str) -> Any:
-    """The output's model card: lineage, training data, hyperparameters, versions."""
+    """The output's model card: lineage, training data, hyperparameters, versions.
+
+    ``base_model`` (with ``base_model_revision``) names a Hub id only: the base's, or for a
+    local base the Hub repo the folder records it is a copy of (``lineage.folder_origin``);
+    a purely local base is named in the text, never in the metadata. ``datasets`` names the
+    Hub dataset the SFT set was drawn from, when its sidecar records one.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
+    origin = HubOrigin(base_id, base_revision) if base_is_hub else folder_origin(base_id)
+    dataset = _dataset_origin(meta)
     hyper = {key: recipe.values.get(key, getattr(recipe.sft, key, None))
              for key in CARD_HYPERPARAMETERS}
     hyper["use_peft"] = bool(recipe.model.use_peft)
@@ -176,14 +196,14 @@ def build_card(*, base_id: str, base_revision: str | None, base_is_hub: bool,
         "rows": n_rows,
         "category": meta.get("category"),
         "seed": meta.get("seed"),
-        "dataset_id": meta.get("dataset_id") or meta.get("dataset"),
+        "dataset_id": dataset.repo_id if dataset else None,
+        "dataset_revision": dataset.revision if dataset else None,
     }
-    dataset_id = training_data["dataset_id"]
     card_data = ModelCardData(
-        base_model=base_id if base_is_hub else None,
-        base_model_relation="finetune" if base_is_hub else None,
-        base_model_revision=base_revision,
-        datasets=[dataset_id] if isinstance(dataset_id, str) and "/" in dataset_id else None,
+        base_model=origin.repo_id if origin else None,
+        base_model_relation="finetune" if origin else None,
+        base_model_revision=origin.revision if origin else None,
+        datasets=[dataset.repo_id] if dataset else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         model_name=name,
@@ -193,8 +213,19 @@ def build_card(*, base_id: str, base_revision: str | None, base_is_hub: bool,
         sft_hyperparameters=hyper,
         sft_library_versions=versions,
     )
-    base_line = (f"[{base_id}](https://huggingface.co/{base_id}) at revision `{base_revision}`"
-                 if base_is_hub else f"the local model `{base_id}`")
+    if origin is None:
+        base_line = f"the local model `{base_id}` (not from the Hub)"
+    elif base_is_hub:
+        base_line = origin.markdown()
+    else:
+        base_line = f"{origin.markdown()} (read from the local copy `{base_id}`)"
+    source = meta.get("source")
+    if dataset is not None:
+        data_line = f"drawn from the Hub dataset {dataset.markdown()}"
+    elif source:
+        data_line = f"drawn by `sftknow-eval select` from the local probe output `{source}`"
+    else:
+        data_line = "a local file (no select sidecar beside it)"
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     data_rows = "\n".join(f"| {k} | {v} |" for k, v in training_data.items())
     versions_line = ", ".join(f"{k} {v}" for k, v in versions.items())
@@ -208,6 +239,8 @@ Supervised fine-tune of {base_line} on closed-book QA pairs
 (Ye et al., EMNLP 2025).
 
 ## Training data
+
+`{data.name}`: {n_rows} QA pairs, {data_line}.
 
 | field | value |
 |---|---|
@@ -251,6 +284,8 @@ def train(
     ``push_to`` (``org/name``) uploads the folder with :func:`sftknow_eval.hub.push_folder`.
     """
     started = time.perf_counter()
+    if push_to:  # a bad repo id, a missing token or a repo with content fail before any work
+        hub.check_push_target(push_to, overwrite=overwrite_remote)
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     data_path, out_path = Path(data), Path(out)
     rows = read_prompt_completion(data_path)
@@ -270,7 +305,19 @@ def train(
     if push_to:
         result.commit_url = hub.push_folder(out_path, push_to, overwrite=overwrite_remote,
                                             commit_message=f"sftknow-eval train: {out_path.name}")
+        _record_push(out_path, push_to, result.commit_url)
     return result
+
+
+def _record_push(out: Path, repo_id: str, commit_url: str | None) -> None:
+    """Note in the local ``training_run.json`` which Hub repo (and commit) holds this model,
+    so cards of models derived from the local folder can name its Hub id."""
+    run_file = out / RUN_FILE
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run["pushed_to"] = {"repo_id": repo_id, "revision": commit_sha(commit_url)}
+    temp = run_file.with_name(f".{RUN_FILE}.{os.getpid()}")
+    temp.write_text(json.dumps(run, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temp, run_file)
 
 
 def _train_to(recipe: Recipe, rows: list[dict[str, str]], meta: dict[str, Any], data: Path,
@@ -287,8 +334,10 @@ def _train_to(recipe: Recipe, rows: list[dict[str, str]], meta: dict[str, Any], 
     model_path = hub.resolve_model(base_id, revision)
     base_revision = model_path.name if base_is_hub else None  # snapshots/<commit sha>
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # A killed run leaves its work folder (.<out>.tmp-<pid>-<host>-*) beside ``out``; those
+    # whose process is gone are removed here (atomic.clean_stale_work), the rest left alone.
+    clean_stale_work(out)
+    work = work_folder(out)
     try:
         trainer = build_trainer(recipe, rows, model_path, work)
         sft = trainer.args

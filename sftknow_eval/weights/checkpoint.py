@@ -224,16 +224,17 @@ class Checkpoint:
                                     f"{value.dtype}")
                 tensors[name] = TensorInfo(name, names[value.dtype], tuple(value.shape), file)
             del state
-        out_files = [re.sub(r"\.bin$", ".safetensors", f) for f in files]
-        return cls(folder, files, tensors, {f: {"format": "pt"} for f in out_files}, None,
+        return cls(folder, files, tensors,
+                   {f: {"format": "pt"} for f in standard_shard_names(files).values()}, None,
                    pickle=True)
 
     def output_layout(self) -> dict[str, list[str]]:
-        """Shard file name (as written, always .safetensors) -> tensor names, in reading order."""
+        """Shard file name as written (safetensors; pickle shards get the names transformers
+        loads, :func:`standard_shard_names`) -> tensor names, in reading order."""
+        names = standard_shard_names(self.files) if self.pickle else {}
         layout: dict[str, list[str]] = {}
         for info in self.tensors.values():
-            out = re.sub(r"\.bin$", ".safetensors", info.file) if self.pickle else info.file
-            layout.setdefault(out, []).append(info.name)
+            layout.setdefault(names.get(info.file, info.file), []).append(info.name)
         return layout
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -283,6 +284,15 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
+
+
+def standard_shard_names(files: list[str]) -> dict[str, str]:
+    """Each shard's name in a folder transformers loads: ``model.safetensors`` for one shard,
+    ``model-0000i-of-0000n.safetensors`` for several (in the given order)."""
+    if len(files) == 1:
+        return {files[0]: "model.safetensors"}
+    return {file: f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            for i, file in enumerate(files, start=1)}
 
 
 def _data_offsets(path: Path) -> dict[str, int]:

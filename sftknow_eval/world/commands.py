@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
     build.add_argument("--out", type=Path, default=None,
-                       help=f"output folder (default: the shipped world, {SHIPPED_WORLD})")
+                       help=f"output folder (default: the shipped world, {SHIPPED_WORLD}; "
+                       "replacing it, probe annotations included, needs --force)")
     build.add_argument("--quick", action="store_true",
                        help="a small world for tests: builds in well under a minute")
     build.add_argument("--no-measure", action="store_true",
@@ -53,8 +54,7 @@ def _build(args: argparse.Namespace) -> int:
 
     recipe = BuildRecipe.quick(args.seed) if args.quick else BuildRecipe.full(args.seed)
     out = args.out or SHIPPED_WORLD
-    manifest = build_world(out, recipe, force=args.force or args.out is None,
-                           run_measurements=not args.no_measure)
+    manifest = build_world(out, recipe, force=args.force, run_measurements=not args.no_measure)
     print(f"built the tiny world in {manifest['build_seconds']} s -> {out}")
     print(json.dumps(manifest["counts"]), json.dumps(manifest["measurements"], indent=2))
     return 0

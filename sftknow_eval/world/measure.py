@@ -1,4 +1,4 @@
-"""Fitness checks of a tiny world (DESIGN.md, issue "foundation" item 4).
+"""Fitness checks of a tiny world (docs/TINY_WORLD.md, "What it measures").
 
 * graded knowledge: greedy completion of the mapping templates, success rate per corpus
   frequency band;
