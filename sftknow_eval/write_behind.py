@@ -1,8 +1,5 @@
 """Write-behind for large sequential outputs: written ranges go to disk shortly after they are
-written and then leave the page cache, as ``dd oflag=nocache`` does, while the writers go on.
-Standard library only, so tools that must not pay for importing torch (the restore benchmark's
-I/O floor) can use it too.
-"""
+written and then leave the page cache while the writers go on (standard library only)."""
 
 from __future__ import annotations
 
@@ -17,9 +14,8 @@ from collections.abc import Callable
 
 
 def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
-    """A function of Linux's libc (the standard library binds neither sync_file_range nor
-    fallocate; ``os.posix_fallocate`` falls back to writing zeros where the file system
-    cannot preallocate, which would double the writes), or None elsewhere."""
+    """A function of Linux's libc, or None elsewhere (the standard library binds neither
+    sync_file_range nor fallocate; ``os.posix_fallocate`` may write zeros instead)."""
     if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
         return None
     try:
@@ -42,14 +38,9 @@ _UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
 class _Flusher:
     """One background thread that takes written ranges (of any file) in order, starts their
     writeback, and once ``depth`` bytes of newer ranges are under writeback, waits for each and
-    drops it from the page cache.
-
-    Why a thread: a writer that waits for its own older ranges stalls whenever the disk is
-    behind, and between its bursts of writes the disk runs dry. Here the disk has up to
-    ``depth`` bytes queued while the writers compute, and ``waiting`` more absorb their bursts.
-    Restore with five k's (2 GB each): pass 2 took 2.9-3.4 s instead of 3.8-4.1 s, the disk
-    busy 83-88% of it instead of 76%; a 64 MB ``waiting`` gave 3.2-3.4 s (benchmarks/restore).
-    """
+    drops it from the page cache. A writer that waits for its own older ranges stalls whenever
+    the disk is behind, and the disk runs dry between its bursts: restore's write pass with five
+    k's took 2.9-3.4 s this way against 3.8-4.1 s (benchmarks/restore)."""
 
     def __init__(self, depth: int = 64 << 20, waiting: int = 256 << 20):
         self.depth = depth
@@ -125,18 +116,12 @@ _FLUSHER = _Flusher()
 
 class WriteBehind:
     """Write-behind for one file: once ``lag`` newer bytes follow a written range, it goes to
-    the background flusher, which writes it to disk and then drops it from the page cache.
-
-    Written by hand: no library streams writes this way (it is what ``dd oflag=nocache`` does).
-    Without it, writing several model-sized files fills memory with dirty pages; then each
-    write waits on the kernel's throttling and the inputs are pushed out of the cache. Linux
-    only; elsewhere, or on a file system without sync_file_range, it does nothing.
-
-    The default lag is small on purpose: the pages a write copies into are then ones dropped
-    moments before, still in the CPU caches. In the page cache: the lag per file, plus at most
-    320 MB over all files (waiting for the flusher, or under writeback). Call :meth:`close`
-    before closing the file.
-    """
+    the background flusher, which writes it to disk and drops it from the page cache (what
+    ``dd oflag=nocache`` does; no library streams writes this way). Without it, several
+    model-sized outputs fill memory with dirty pages, every write waits on the kernel's
+    throttling and the inputs leave the cache. The small lag keeps the pages a write copies
+    into in the CPU caches. Linux only (elsewhere it does nothing); call :meth:`close` before
+    closing the file."""
 
     def __init__(self, fd: int, lag: int = 8 << 20):
         self.fd = fd
@@ -202,12 +187,8 @@ class WriteBehind:
 
 def preallocate(fd: int, size: int) -> None:
     """Give the file ``size`` bytes, reserved on disk where the file system can (else a sparse
-    ``ftruncate``). A full disk then fails here, before anything is written.
-
-    Filling reserved blocks is cheaper than filling a sparse file: ext4 then skips its
-    delayed-allocation bookkeeping on every page. Writing five 2 GB files from two threads
-    took 2.0 s of system time instead of 3.2-3.7 s (same wall time: the disk was the limit).
-    """
+    ``ftruncate``), so a full disk fails here. Filling reserved blocks skips ext4's per-page
+    bookkeeping: five 2 GB files took 2.0 s of system time instead of 3.2-3.7 s."""
     if size > 0 and _FALLOCATE is not None:
         if _FALLOCATE(fd, 0, 0, size) == 0:
             return

@@ -96,8 +96,8 @@ def expected(base, tuned, region_names, k, strategy, seed=0):
     elif strategy == "bottom":
         order = torch.sort(flat_r, stable=True).indices[:n]
     else:
-        order = torch.from_numpy(np.flatnonzero(selector.reference_selection(flat_r, n, "random",
-                                                                          seed).numpy()))
+        keys = selector.score_keys(flat_r, "random", 0, seed).numpy().astype(np.int64)
+        order = torch.from_numpy(np.lexsort((np.arange(keys.size), -keys))[:n])
     mask = torch.zeros(flat_r.numel(), dtype=torch.bool)
     mask[order] = True
     result = {name: t.clone() for name, t in tuned.items()}

@@ -1,22 +1,18 @@
-"""The streaming passes of restore, run on worker threads: two read-only passes, then the write.
+"""The streaming passes of restore, on worker threads: two read-only passes, then the write.
 
-1. :func:`scan` reads every floating-point tensor: NaN/Inf checks, per-tensor summed r and,
-   when k's are asked for, the key histogram (``weights.topk``, step 1).
+1. :func:`scan` reads every floating-point tensor: NaN/Inf checks, per-tensor summed r and the
+   region's key histogram (``weights.topk``, step 1).
 2. :func:`exact_cuts` reads the region again: exact per-key counts inside the threshold bins
    only, which give every k's exact cut and how many keys equal to it it takes (step 2).
-3. :func:`write_variants` reads every tensor once more and writes every variant at once: a
-   region element goes back to its base value for each k with ``key > cut``, or ``key == cut``
-   while that k's running count of such elements is under its allowance.
+3. :func:`write_variants` reads every tensor once more and writes every variant: a region
+   element goes back to its base value for each k with ``key > cut``, or ``key == cut`` while
+   that k's running count of such elements is under its allowance.
 
 Every pass visits tensors in natural name order (the global element order), in chunks
-(:class:`Piece`). Workers read their chunks with positional reads and run the compiled loops
-(``weights.kernels``, which release the GIL); results are taken in order, so the outputs and
-statistics do not depend on the number of workers or their timing (tested).
-
-Memory, whatever the model size: per worker the buffers of one chunk of ``chunk_elements``
-elements (up to 8 bytes each, times two inputs, plus float32 copies) and a key histogram
-(``NUM_BINS`` entries, 4 MB); in the write pass a fixed pool of :class:`_Slot` (a chunk and its
-candidates, 20 bytes each) bounds the chunks read ahead or waiting to be written.
+(:class:`Piece`) that workers read (positional reads) and run the compiled loops on
+(``weights.kernels``, GIL released); results are taken in order, so outputs and statistics do
+not depend on the workers or their timing. Memory does not grow with the model: per worker one
+chunk's buffers and a 4 MB histogram, in the write pass a fixed pool of :class:`_Slot`.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -39,9 +34,6 @@ from sftknow_eval.weights import kernels, topk
 from sftknow_eval.weights.checkpoint import UNSIGNED, Checkpoint, RawRange
 from sftknow_eval.weights.regions import in_layer_group
 from sftknow_eval.weights.writer import ShardedWriter
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -90,56 +82,60 @@ def pieces(checkpoint: Checkpoint, order: list[str], selection: Selection, size:
     out = []
     for name in order:
         info = checkpoint.tensors[name]
-        if floats_only and not info.is_float:
-            continue
         first = selection.starts.get(name) if name in selection.region else None
-        for a in range(0, info.numel, size):
-            out.append(Piece(name, a, min(info.numel, a + size),
-                             None if first is None else first + a))
+        if info.is_float or not floats_only:
+            out += [Piece(name, a, min(info.numel, a + size), None if first is None else first + a)
+                    for a in range(0, info.numel, size)]
     return out
 
 
 class CheckpointPair:
-    """Both checkpoints. Only the main thread opens files (:meth:`ranges`); workers read the
-    ranges (positional reads, see ``RawRange``) into buffers they own."""
+    """Both checkpoints; only the main thread opens files (:meth:`ranges`)."""
 
     def __init__(self, base: Checkpoint, tuned: Checkpoint):
         self.base, self.tuned = base, tuned
-
-    def whole(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both whole tensors, memory-mapped (for error messages)."""
-        return self.base.tensor(name).reshape(-1), self.tuned.tensor(name).reshape(-1)
 
     def ranges(self, piece: Piece) -> tuple[Piece, RawRange, RawRange]:
         return (piece, self.base.raw_range(piece.name, piece.start, piece.stop),
                 self.tuned.raw_range(piece.name, piece.start, piece.stop))
 
+    def nonfinite_error(self, name: str) -> UserError:
+        import torch  # the error path only
 
-class _Buffers:
-    """One worker's reusable buffers (fresh large allocations page-fault on every call)."""
-
-    def __init__(self, size: int):
-        self.base_bytes = np.empty(size * 8, dtype=np.uint8)  # room for float64 chunks
-        self.tuned_bytes = np.empty(size * 8, dtype=np.uint8)
-        self.base32 = np.empty(size, dtype=np.float32)  # fp16 / fp64 chunks cast to float32
-        self.tuned32 = np.empty(size, dtype=np.float32)
-        self.table: np.ndarray | None = None  # the pass's counts (histogram or exact counts)
-
-    def inputs(self, base: RawRange, tuned: RawRange, base_bytes: np.ndarray | None = None,
-               tuned_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Both chunks (read here unless given), as the kernels take them."""
-        b = base.read(self.base_bytes) if base_bytes is None else base_bytes
-        t = tuned.read(self.tuned_bytes) if tuned_bytes is None else tuned_bytes
-        return _values(b, base, self.base32), _values(t, tuned, self.tuned32)
+        which = [label for label, t in (("base", self.base.tensor(name)),
+                                        ("fine-tuned", self.tuned.tensor(name)))
+                 if not bool(torch.isfinite(t.float()).all())]
+        where = " and ".join(which) if which else "neither (the difference overflows float32)"
+        return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
 
 
 _FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
-def _values(data: np.ndarray, source: RawRange, scratch: np.ndarray) -> np.ndarray:
-    bf16 = source.dtype == "BF16"
-    return kernels.as_kernel_input(data.view(np.uint16 if bf16 else _FLOATS[source.dtype]),
-                                   bf16, scratch)
+class _Buffers:
+    """One worker's reusable buffers (fresh ones page-fault) and its table of counts."""
+
+    def __init__(self, size: int):
+        self.base, self.tuned = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
+        self.base32, self.tuned32 = np.empty(size, np.float32), np.empty(size, np.float32)
+        self.table: np.ndarray | None = None
+
+    def inputs(self, base: RawRange, tuned: RawRange, base_bytes: np.ndarray | None = None,
+               tuned_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Both chunks (read here unless given) as the kernels take them."""
+        chunks = []
+        for source, data, own, scratch in ((base, base_bytes, self.base, self.base32),
+                                           (tuned, tuned_bytes, self.tuned, self.tuned32)):
+            data = source.read(own) if data is None else data
+            bf16 = source.dtype == "BF16"
+            chunks.append(kernels.as_kernel_input(
+                data.view(np.uint16 if bf16 else _FLOATS[source.dtype]), bf16, scratch))
+        return chunks[0], chunks[1]
+
+    def zeroed(self, size: int) -> np.ndarray:
+        if self.table is None:
+            self.table = np.zeros(size, dtype=np.int64)
+        return self.table
 
 
 class _Pool:
@@ -147,20 +143,17 @@ class _Pool:
 
     def __init__(self, workers: int, size: int):
         self.workers, self.size = max(1, workers), size
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._local, self._lock = threading.local(), threading.Lock()
         self.buffers: list[_Buffers] = []
         self._executor = (ThreadPoolExecutor(self.workers, thread_name_prefix="restore")
                           if self.workers > 1 else None)
 
     def own(self) -> _Buffers:
-        """The calling worker's buffers."""
-        buffers = getattr(self._local, "buffers", None)
-        if buffers is None:
-            buffers = self._local.buffers = _Buffers(self.size)
+        if not hasattr(self._local, "buffers"):
+            self._local.buffers = _Buffers(self.size)
             with self._lock:
-                self.buffers.append(buffers)
-        return buffers
+                self.buffers.append(self._local.buffers)
+        return self._local.buffers
 
     def submit(self, fn: Callable, *args) -> Future:
         if self._executor is not None:
@@ -202,51 +195,39 @@ def _bar(total: int, what: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=f"restore: {what}", unit="chunk", disable=not progress)
 
 
-def _nonfinite_error(name: str, base: torch.Tensor, tuned: torch.Tensor) -> UserError:
-    import torch  # the error path only
-
-    which = [label for label, t in (("base", base), ("fine-tuned", tuned))
-             if not bool(torch.isfinite(t.float()).all())]
-    where = " and ".join(which) if which else "neither (the difference overflows float32)"
-    return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
-
-
 @dataclass
 class ScanResult:
-    """Pass 1's findings: per-tensor summed r, whether anything outside the region changed, and
-    the key histogram (None when no k is asked for)."""
+    """Per-tensor summed r, whether anything outside the region changed, the key histogram."""
 
     sum_r: dict[str, float]
-    changed_outside: bool
-    hist: np.ndarray | None
+    changed_outside: bool = False
+    hist: np.ndarray | None = None
 
 
-def scan(pair: CheckpointPair, parts: list[Piece], selection: Selection, histogram: bool,
-         workers: int, size: int, progress: bool) -> ScanResult:
+def scan(pair: CheckpointPair, parts: list[Piece], selection: Selection, workers: int,
+         size: int, progress: bool) -> ScanResult:
     """Pass 1 over ``parts`` (every floating-point tensor)."""
     strategy, seed_term = selection.key_args
-    result = ScanResult({name: 0.0 for name in selection.region}, False, None)
+    result = ScanResult({name: 0.0 for name in selection.region})
 
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> float:
         buffers = pool.own()
         b, t = buffers.inputs(base, tuned)
-        if piece.first is None or not histogram:
+        if piece.first is None:
             return kernels.sum_relative_change(b, t)
-        if buffers.table is None:
-            buffers.table = np.zeros(topk.NUM_BINS, dtype=np.int64)
-        return kernels.histogram(b, t, strategy, piece.first, seed_term, buffers.table)
+        return kernels.histogram(b, t, strategy, piece.first, seed_term,
+                                 buffers.zeroed(topk.NUM_BINS))
 
     with _Pool(workers, size) as pool, _bar(len(parts), "histogram", progress) as bar:
         for piece, total in pool.ordered(work, parts, pair.ranges):
             if not np.isfinite(total):
-                raise _nonfinite_error(piece.name, *pair.whole(piece.name))
+                raise pair.nonfinite_error(piece.name)
             if piece.first is None:
                 result.changed_outside = result.changed_outside or total > 0
             else:
                 result.sum_r[piece.name] += total  # in order: independent of the workers
             bar.update(1)
-        if histogram:
-            result.hist = pool.summed_tables()
+        result.hist = pool.summed_tables()
     return result
 
 
@@ -256,15 +237,13 @@ def exact_cuts(pair: CheckpointPair, parts: list[Piece], selection: Selection,
     """The read-only pass: each threshold's exact cut, from per-key counts of its bin."""
     strategy, seed_term = selection.key_args
     slots, bins = topk.slot_map(thresholds)
-    low = bins[0] << topk.BIN_SHIFT
     region = [p for p in parts if p.first is not None]
 
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> None:
         buffers = pool.own()
-        if buffers.table is None:
-            buffers.table = np.zeros(len(bins) * topk.FINE, dtype=np.int64)
         kernels.count_in_bins(*buffers.inputs(base, tuned), strategy, piece.first, seed_term,
-                              low, slots, buffers.table)
+                              bins[0] << topk.BIN_SHIFT, slots,
+                              buffers.zeroed(len(bins) * topk.FINE))
 
     with _Pool(workers, size) as pool, _bar(len(region), "exact counts", progress) as bar:
         for _ in pool.ordered(work, region, pair.ranges):
@@ -274,40 +253,27 @@ def exact_cuts(pair: CheckpointPair, parts: list[Piece], selection: Selection,
 
 
 class _Slot:
-    """A chunk on its way from reading to writing: the tuned chunk's bytes (patched in place),
-    the base chunk's bytes, and room for its candidates (positions, keys, r, raw base values)."""
+    """A chunk from reading to writing: raw tuned values (patched in place), raw base values,
+    candidates (keys reaching the lowest cut: positions, keys, r, raw base values), ties."""
 
     def __init__(self, size: int):
-        self.tuned = np.empty(size * 8, dtype=np.uint8)
-        self.base = np.empty(size * 8, dtype=np.uint8)
-        self.pos = np.empty(size, dtype=np.int32)
-        self.keys = np.empty(size, dtype=np.int32)
-        self.r = np.empty(size, dtype=np.float32)
-        self.raw = np.empty(size * 8, dtype=np.uint8)
-
-
-@dataclass
-class _Chunk:
-    """A prepared chunk: raw tuned (and base) values and, for the k's, its candidates (the
-    elements whose key reaches the lowest cut, in order) and their ties at each cut."""
-
-    slot: _Slot
-    tuned: np.ndarray
-    base: np.ndarray | None = None
-    candidates: tuple[np.ndarray, ...] = ()
-    ties: np.ndarray | None = None
+        self.tuned_bytes, self.base_bytes = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
+        self.pos, self.keys = np.empty(size, np.int32), np.empty(size, np.int32)
+        self.r, self.raw_bytes = np.empty(size, np.float32), np.empty(size * 8, np.uint8)
+        self.tuned: np.ndarray | None = None
+        self.base: np.ndarray | None = None
+        self.candidates: tuple[np.ndarray, ...] = ()
+        self.ties: np.ndarray | None = None
 
 
 def write_variants(pair: CheckpointPair, parts: list[Piece], selection: Selection,
                    variants: list[Variant], workers: int, size: int, progress: bool) -> None:
-    """The write pass over ``parts`` (every tensor): each variant's weights.
-
-    Workers read and prepare chunks ahead; the main thread takes them in order and decides
-    how many of each cut's ties this chunk takes (the only sequential step); one job per chunk
-    then patches it and writes it to every variant.
+    """The write pass over ``parts`` (every tensor). Workers prepare chunks ahead; the main
+    thread takes them in order and decides how many of each cut's ties a chunk takes (the
+    one sequential step); then one job per chunk patches it and writes it to every variant.
     """
     selecting = sorted((v for v in variants if v.cut is not None), key=lambda v: v.cut.n)
-    groups = [v for v in variants if v.group is not None]
+    groups = [v.group for v in variants if v.group is not None]
     cuts = np.array([v.cut.key for v in selecting], dtype=np.int64)
     ties_left = np.array([v.cut.ties for v in selecting], dtype=np.int64)
     strategy, seed_term = selection.key_args
@@ -315,44 +281,41 @@ def write_variants(pair: CheckpointPair, parts: list[Piece], selection: Selectio
     for _ in range(3 * max(1, workers) + 1):  # more than ``ordered`` holds ahead
         free.put(_Slot(size))
 
-    def prepare(piece: Piece, base: RawRange, tuned: RawRange, slot: _Slot) -> _Chunk:
-        tuned_bytes = tuned.read(slot.tuned)
-        chunk = _Chunk(slot, tuned_bytes.view(UNSIGNED[tuned.itemsize]))
-        if piece.first is None or not (selecting or any(in_layer_group(piece.name, v.group)
-                                                        for v in groups)):
-            return chunk
-        base_bytes = base.read(slot.base)
-        chunk.base = base_bytes.view(UNSIGNED[base.itemsize])
-        if not selecting:
-            return chunk
-        b, t = pool.own().inputs(base, tuned, base_bytes, tuned_bytes)
-        raw = slot.raw.view(chunk.base.dtype)
-        count = kernels.find_candidates(b, t, chunk.base, strategy, piece.first, seed_term,
+    def prepare(piece: Piece, base: RawRange, tuned: RawRange, slot: _Slot) -> _Slot:
+        tuned_bytes = tuned.read(slot.tuned_bytes)
+        slot.tuned, slot.base, slot.candidates = tuned_bytes.view(UNSIGNED[tuned.itemsize]), None, ()
+        if piece.first is None or not (selecting or any(in_layer_group(piece.name, g)
+                                                        for g in groups)):
+            return slot
+        base_bytes = base.read(slot.base_bytes)
+        slot.base = base_bytes.view(UNSIGNED[base.itemsize])
+        if selecting:
+            b, t = pool.own().inputs(base, tuned, base_bytes, tuned_bytes)
+            raw = slot.raw_bytes.view(slot.base.dtype)
+            n = kernels.find_candidates(b, t, slot.base, strategy, piece.first, seed_term,
                                         cuts.min(), slot.pos, slot.keys, slot.r, raw)
-        chunk.candidates = (slot.pos[:count], slot.keys[:count], slot.r[:count], raw[:count])
-        chunk.ties = np.empty(cuts.size, dtype=np.int64)
-        kernels.count_ties(chunk.candidates[1], cuts, chunk.ties)
-        return chunk
+            slot.candidates = (slot.pos[:n], slot.keys[:n], slot.r[:n], raw[:n])
+            slot.ties = np.empty(cuts.size, dtype=np.int64)
+            kernels.count_ties(slot.candidates[1], cuts, slot.ties)
+        return slot
 
-    def write(piece: Piece, chunk: _Chunk, takes: np.ndarray) -> list[tuple[int, float]]:
+    def write(piece: Piece, slot: _Slot, takes: np.ndarray) -> list[tuple[int, float]]:
         try:
-            if chunk.candidates:
-                return _write_selected(piece, chunk, selecting, cuts, takes)
+            if slot.candidates:
+                return _write_selected(piece, slot, selecting, cuts, takes)
             for v in variants:
-                inside = chunk.base is not None and in_layer_group(piece.name, v.group)
-                v.writer.write_raw(piece.name, piece.start, chunk.base if inside else chunk.tuned)
+                inside = slot.base is not None and in_layer_group(piece.name, v.group)
+                v.writer.write_raw(piece.name, piece.start, slot.base if inside else slot.tuned)
             return []
         finally:
-            free.put(chunk.slot)
+            free.put(slot)
 
     written: deque[tuple[Piece, Future]] = deque()
     with _Pool(workers, size) as pool, _bar(len(parts), "write", progress) as bar:
-        for piece, chunk in pool.ordered(prepare, parts, lambda p: (*pair.ranges(p), free.get())):
-            takes = np.zeros(cuts.size, dtype=np.int64)
-            if chunk.ties is not None:
-                takes = np.minimum(ties_left, chunk.ties)
-                ties_left -= takes
-            written.append((piece, pool.submit(write, piece, chunk, takes)))
+        for piece, slot in pool.ordered(prepare, parts, lambda p: (*pair.ranges(p), free.get())):
+            takes = np.minimum(ties_left, slot.ties) if slot.candidates else ties_left * 0
+            ties_left -= takes
+            written.append((piece, pool.submit(write, piece, slot, takes)))
             while written and (written[0][1].done() or len(written) > 4 * pool.workers):
                 _add_stats(*written.popleft(), selecting)
             bar.update(1)
@@ -369,15 +332,11 @@ def _add_stats(piece: Piece, future: Future, selecting: list[Variant]) -> None:
             v.stats.add(piece.name, restored, sum_r)
 
 
-def _write_selected(piece: Piece, chunk: _Chunk, selecting: list[Variant], cuts: np.ndarray,
+def _write_selected(piece: Piece, slot: _Slot, selecting: list[Variant], cuts: np.ndarray,
                     takes: np.ndarray) -> list[tuple[int, float]]:
-    """The tuned chunk with each k's chosen candidates set back to base values, written out.
-
-    The selections are nested (each k's are the first n of one fixed order, smallest k first),
-    so the chunk is patched in place, cumulatively: each k patches only the elements the
-    previous one did not (``kernels.group_by_cut``), then writes the chunk.
-    """
-    pos, keys, r, raw = chunk.candidates
+    """The chunk patched and written for each k, smallest first: the selections are nested,
+    so each k patches only what the previous one did not (``kernels.group_by_cut``)."""
+    pos, keys, r, raw = slot.candidates
     order = np.empty(keys.size, dtype=np.int64)
     bounds = np.empty(len(selecting) + 2, dtype=np.int64)
     if kernels.group_by_cut(keys, cuts, takes, order, bounds):
@@ -385,8 +344,8 @@ def _write_selected(piece: Piece, chunk: _Chunk, selecting: list[Variant], cuts:
     results, restored, sum_r = [], 0, 0.0
     for g, v in enumerate(selecting):
         chosen = order[bounds[g]:bounds[g + 1]]
-        sum_r += kernels.put_back(chunk.tuned, pos, raw, r, chosen)
+        sum_r += kernels.put_back(slot.tuned, pos, raw, r, chosen)
         restored += chosen.size
-        v.writer.write_raw(piece.name, piece.start, chunk.tuned)
+        v.writer.write_raw(piece.name, piece.start, slot.tuned)
         results.append((restored, sum_r))
     return results

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.card import build_card
 from sftknow_eval.restore.passes import (
@@ -39,13 +40,7 @@ from sftknow_eval.weights.regions import (
     region_pattern,
     select_region,
 )
-from sftknow_eval.weights.writer import (
-    ShardedWriter,
-    clean_stale_temps,
-    commit_folder,
-    copy_aux_files,
-    new_temp_folder,
-)
+from sftknow_eval.weights.writer import ShardedWriter, copy_aux_files
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +78,27 @@ class RestoreResult:
     folders: dict[str, Path]
     skipped: list[str]
     pushed: dict[str, str]
-    warnings: list[str]
+
+
+@dataclass
+class _Job:
+    """One run's checked inputs: both models, opened and preflighted, and the selection."""
+
+    cfg: RestoreConfig
+    base_model: ResolvedModel
+    tuned_model: ResolvedModel
+    base: Checkpoint
+    tuned: Checkpoint
+    region: list[str]
+    selection: Selection
 
 
 def variant_name(strategy: str, k: float) -> str:
     return f"{strategy}{k:g}"
+
+
+def _group_text(group: tuple[int, int]) -> str:
+    return str(group[0]) if group[0] == group[1] else f"{group[0]}-{group[1]}"
 
 
 def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
@@ -96,15 +107,113 @@ def _settings(cfg: RestoreConfig, variant: Variant) -> dict[str, object]:
             "layers": _group_text(variant.group) if variant.group else None}
 
 
-def _group_text(group: tuple[int, int]) -> str:
-    return str(group[0]) if group[0] == group[1] else f"{group[0]}-{group[1]}"
+def _fingerprint(job: _Job, variant: Variant) -> dict[str, object]:
+    return {"base": {"source": job.base_model.source, "revision": job.base_model.revision},
+            "tuned": {"source": job.tuned_model.source, "revision": job.tuned_model.revision},
+            **_settings(job.cfg, variant), "chunk_independent": True}
 
 
-def _fingerprint(cfg: RestoreConfig, base: ResolvedModel, tuned: ResolvedModel,
-                 variant: Variant) -> dict[str, object]:
-    return {"base": {"source": base.source, "revision": base.revision},
-            "tuned": {"source": tuned.source, "revision": tuned.revision},
-            **_settings(cfg, variant), "chunk_independent": True}
+def restore(cfg: RestoreConfig) -> RestoreResult:
+    """Run a restoration end to end (see the module docstring); returns where the variants went.
+
+    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2; see
+    ``passes``). Restore never imports torch for safetensors checkpoints.
+    """
+    variants = _check_config(cfg)
+    if cfg.push_to:  # every variant's repo id, token and empty repo, before any work
+        from sftknow_eval import hub
+
+        for v in variants:
+            hub.check_push_target(f"{cfg.push_to}-{v.name}")
+    job = _open(cfg)
+    try:
+        _check_variants(job, variants)
+        out = Path(cfg.out)
+        pending = _pending(job, variants, out)
+        skipped = [v.name for v in variants if v not in pending]
+        if skipped:
+            log.info("already complete, skipped: %s", ", ".join(skipped))
+        if pending:
+            _check_disk(out, len(pending) * (job.tuned.total_bytes + (1 << 20)))
+            _run(job, pending, out)
+        result = RestoreResult({v.name: out / v.name for v in variants}, skipped, {})
+    finally:
+        job.base.close()
+        job.tuned.close()
+    if cfg.push_to:
+        from sftknow_eval import hub  # lazy: only pushing needs the Hub door
+
+        for v in variants:
+            result.pushed[v.name] = hub.push_folder(
+                out / v.name, f"{cfg.push_to}-{v.name}", private=cfg.private,
+                commit_message=f"sftknow-eval restore: {v.name}")
+            log.info("pushed %s -> %s", v.name, result.pushed[v.name])
+    return result
+
+
+def _check_config(cfg: RestoreConfig) -> list[Variant]:
+    """The flags checked before any model is read; the variants they ask for."""
+    if cfg.strategy not in topk.STRATEGIES:
+        raise UserError(f"--strategy {cfg.strategy!r}: use one of {', '.join(topk.STRATEGIES)}")
+    if cfg.threads < 0:
+        raise UserError(f"--threads {cfg.threads}: use 0 (one per core, at most 2) or a "
+                        "positive number of worker threads")
+    if not 0 < cfg.chunk_elements < 2**31:  # candidates keep chunk positions in 32 bits
+        raise UserError(f"--chunk-elements {cfg.chunk_elements}: use 1 to {2**31 - 1}")
+    if cfg.layers and cfg.k:
+        raise UserError("--layers restores whole layer groups; do not combine it with --k")
+    region_pattern(cfg.region)
+    if cfg.layers:
+        return [Variant(f"layers{_group_text(g)}", group=g) for g in parse_layer_groups(cfg.layers)]
+    ks = dict.fromkeys(topk.validate_k(float(k)) for k in (cfg.k or DEFAULT_K))
+    return [Variant(variant_name(cfg.strategy, k), k=k) for k in ks]
+
+
+def _open(cfg: RestoreConfig) -> _Job:
+    """Both models resolved, opened and preflighted; the region in global element order."""
+    base_model = resolve_model(cfg.base, cfg.base_revision)
+    tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
+    base = Checkpoint.open(base_model.path, allow_pickle=cfg.allow_pickle)
+    tuned = Checkpoint.open(tuned_model.path, allow_pickle=cfg.allow_pickle)
+    preflight(base, tuned)
+    floats = {n for n, i in tuned.tensors.items() if i.is_float}
+    region = select_region(tuned.tensors, cfg.region, floats)
+    if not region:
+        raise UserError(f"--region {cfg.region!r} matches no floating-point tensor of {cfg.tuned}")
+    starts, total = {}, 0
+    for name in region:
+        starts[name] = total
+        total += tuned.tensors[name].numel
+    selection = Selection(set(region), starts, total, cfg.strategy, cfg.seed)
+    return _Job(cfg, base_model, tuned_model, base, tuned, region, selection)
+
+
+def _check_variants(job: _Job, variants: list[Variant]) -> None:
+    total, region = job.selection.total, job.region
+    for v in variants:
+        if v.k is not None and topk.count_to_select(total, v.k) == 0:
+            raise UserError(f"--k {v.k:g}: {v.k:g}% of the region's {total} elements is less "
+                            "than one")
+        if v.group is not None and not any(in_layer_group(n, v.group) for n in region):
+            raise UserError(f"--layers {_group_text(v.group)}: no tensor of region "
+                            f"{job.cfg.region!r} lies in these layers")
+
+
+def _pending(job: _Job, variants: list[Variant], out: Path) -> list[Variant]:
+    """The variants to make: not finished by an earlier run with the same fingerprint."""
+    pending = []
+    for v in variants:
+        final = out / v.name
+        if final.exists():
+            marker = final / CONFIG_FILE
+            done = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+            if done == _fingerprint(job, v) and not job.cfg.overwrite:
+                continue
+            if not job.cfg.overwrite:
+                raise UserError(f"{final} exists from a different restore run; pass --overwrite "
+                                "or choose another --out")
+        pending.append(v)
+    return pending
 
 
 def _check_disk(out: Path, need: int) -> None:
@@ -117,149 +226,48 @@ def _check_disk(out: Path, need: int) -> None:
                         f"and {free / 2**30:.2f} GiB are free")
 
 
-def restore(cfg: RestoreConfig) -> RestoreResult:
-    """Run a restoration end to end (see the module docstring); returns where the variants went.
-
-    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2; see
-    ``passes``). Restore never imports torch for safetensors checkpoints.
-    """
-    strategy = cfg.strategy
-    if strategy not in topk.STRATEGIES:
-        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(topk.STRATEGIES)}")
-    if cfg.threads < 0:
-        raise UserError(f"--threads {cfg.threads}: use 0 (one per core, at most 2) or a "
-                        "positive number of worker threads")
-    if not 0 < cfg.chunk_elements < 2**31:  # candidates keep chunk positions in 32 bits
-        raise UserError(f"--chunk-elements {cfg.chunk_elements}: use 1 to {2**31 - 1}")
-    if cfg.layers and cfg.k:
-        raise UserError("--layers restores whole layer groups; do not combine it with --k")
-    ks = [] if cfg.layers else [topk.validate_k(float(k)) for k in (cfg.k or DEFAULT_K)]
-    groups = parse_layer_groups(cfg.layers) if cfg.layers else []
-    region_pattern(cfg.region)
-    out = Path(cfg.out)
-    if cfg.push_to:  # every variant's repo id, token and empty repo, before any work
-        from sftknow_eval import hub
-
-        names = [variant_name(strategy, k) for k in dict.fromkeys(ks)]
-        names += [f"layers{_group_text(group)}" for group in groups]
-        for name in names:
-            hub.check_push_target(f"{cfg.push_to}-{name}")
-
-    base_model = resolve_model(cfg.base, cfg.base_revision)
-    tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
-    base = Checkpoint.open(base_model.path, allow_pickle=cfg.allow_pickle)
-    tuned = Checkpoint.open(tuned_model.path, allow_pickle=cfg.allow_pickle)
-    preflight(base, tuned)
-
-    floats = {n for n, i in tuned.tensors.items() if i.is_float}
-    region = select_region(tuned.tensors, cfg.region, floats)
-    if not region:
-        raise UserError(f"--region {cfg.region!r} matches no floating-point tensor of {cfg.tuned}")
-    starts: dict[str, int] = {}
-    total = 0
-    for name in region:
-        starts[name] = total
-        total += tuned.tensors[name].numel
-    region_set = set(region)
-
-    variants: list[Variant] = []
-    for k in dict.fromkeys(ks):
-        n = topk.count_to_select(total, k)
-        if n == 0:
-            raise UserError(f"--k {k:g}: {k:g}% of the region's {total} elements is less than one")
-        variants.append(Variant(variant_name(strategy, k), k=k))
-    for group in groups:
-        if not any(in_layer_group(n, group) for n in region):
-            raise UserError(f"--layers {group[0]}-{group[1]}: no tensor of region "
-                            f"{cfg.region!r} lies in these layers")
-        variants.append(Variant(f"layers{_group_text(group)}", group=group))
-
-    removed = clean_stale_temps(out)
-    if removed:
-        log.info("removed %d unfinished folder(s) of an interrupted run", len(removed))
-    pending, skipped = [], []
-    for v in variants:
-        final = out / v.name
-        if final.exists():
-            marker = final / CONFIG_FILE
-            done = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-            if done == _fingerprint(cfg, base_model, tuned_model, v) and not cfg.overwrite:
-                skipped.append(v.name)
-                continue
-            if not cfg.overwrite:
-                raise UserError(f"{final} exists from a different restore run; pass --overwrite "
-                                "or choose another --out")
-        pending.append(v)
-    if skipped:
-        log.info("already complete, skipped: %s", ", ".join(skipped))
-    result = RestoreResult({v.name: out / v.name for v in variants}, skipped, {}, [])
-    if pending:
-        _check_disk(out, len(pending) * tuned.total_bytes + (1 << 20) * len(pending))
-        _run(cfg, base, tuned, base_model, tuned_model, region, region_set, starts, total,
-             pending, out, result)
-    if cfg.push_to and not result.warnings:
-        from sftknow_eval import hub  # lazy: only pushing needs the Hub door
-
-        for v in variants:
-            repo = f"{cfg.push_to}-{v.name}"
-            result.pushed[v.name] = hub.push_folder(
-                out / v.name, repo, private=cfg.private,
-                commit_message=f"sftknow-eval restore: {v.name}")
-            log.info("pushed %s -> %s", v.name, result.pushed[v.name])
-    base.close()
-    tuned.close()
-    return result
-
-
-def _run(cfg: RestoreConfig, base: Checkpoint, tuned: Checkpoint, base_model: ResolvedModel,
-         tuned_model: ResolvedModel, region: list[str], region_set: set[str],
-         starts: dict[str, int], total: int, variants: list[Variant], out: Path,
-         result: RestoreResult) -> None:
+def _run(job: _Job, variants: list[Variant], out: Path) -> None:
+    """The passes (``passes``), then each variant's files and the rename into place."""
+    cfg, tuned, selection = job.cfg, job.tuned, job.selection
     selecting = [v for v in variants if v.k is not None]
-    selection = Selection(region_set, starts, total, cfg.strategy, cfg.seed)
     workers, size = _workers(cfg.threads), cfg.chunk_elements
     # natural name order in every pass: region tensors then come in global element order,
     # which the tie-break (lower global index first) relies on
     order = sorted(tuned.tensors, key=natural_key)
-    pair = CheckpointPair(base, tuned)
+    pair = CheckpointPair(job.base, tuned)
     floats = pieces(tuned, order, selection, size, True)
-    scanned = scan(pair, floats, selection, bool(selecting), workers, size, cfg.progress)
+    scanned = scan(pair, floats, selection, workers, size, cfg.progress)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
-        base.close()
-        tuned.close()
         raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
                         f"{what} (region {cfg.region!r}): nothing to restore, no variant written")
     if selecting:
         thresholds = topk.threshold_bins(
-            scanned.hist, [topk.count_to_select(total, v.k) for v in selecting])
-        scanned.hist = None
+            scanned.hist, [topk.count_to_select(selection.total, v.k) for v in selecting])
         cuts = exact_cuts(pair, floats, selection, thresholds, workers, size, cfg.progress)
         for v, cut in zip(selecting, cuts, strict=True):
             v.cut, v.threshold_r = cut, topk.key_to_r(cut.key, cfg.strategy)
-    layout = tuned.output_layout()
-    for v in variants:
-        v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
-                                for n in region})
-        v.folder = new_temp_folder(out, v.name)
-        v.writer = ShardedWriter(v.folder, layout, tuned.tensors, tuned.metadata)
-    try:
-        write_variants(pair, pieces(tuned, order, selection, size, False), selection, variants,
-                       workers, size, cfg.progress)
-    except BaseException:
+    with contextlib.ExitStack() as folders:  # each renamed into place once all are done
         for v in variants:
-            if v.writer is not None:
+            v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
+                                    for n in job.region})
+            v.folder = folders.enter_context(atomic_folder(out / v.name))
+            v.writer = ShardedWriter(v.folder, tuned.output_layout(), tuned.tensors,
+                                     tuned.metadata)
+        try:
+            write_variants(pair, pieces(tuned, order, selection, size, False), selection,
+                           variants, workers, size, cfg.progress)
+        except BaseException:
+            for v in variants:
                 with contextlib.suppress(OSError):  # the first error is the one to report
                     v.writer.close()
-        raise
-    finally:
-        base.close()
-        tuned.close()
-    for v in variants:
-        for name in region if v.group is not None else ():
-            if in_layer_group(name, v.group):
+            raise
+        for v in variants:
+            v.writer.close()
+        for v in (v for v in variants if v.group is not None):
+            for name in (n for n in job.region if in_layer_group(n, v.group)):
                 v.stats.add(name, tuned.tensors[name].numel, scanned.sum_r[name])
-    _finish(cfg, base_model, tuned_model, tuned, variants, total, out)
+        _finish(job, variants)
 
 
 def _workers(threads: int) -> int:
@@ -270,31 +278,23 @@ def _workers(threads: int) -> int:
                       else (os.cpu_count() or 1)))
 
 
-def _finish(cfg: RestoreConfig, base_model: ResolvedModel, tuned_model: ResolvedModel,
-            tuned: Checkpoint, variants: list[Variant], total: int, out: Path) -> None:
-    """Index, config and tokenizer files, statistics, card and run record; then the rename."""
-    versions = library_versions()
+def _finish(job: _Job, variants: list[Variant]) -> None:
+    """Index, config and tokenizer files, statistics, card and run record."""
+    cfg, versions = job.cfg, library_versions()
+    config = {k: (str(val) if isinstance(val, Path) else val) for k, val in asdict(cfg).items()}
     for v in variants:
-        v.writer.close()
-        v.writer.write_index(tuned.sharded_index)
-        copy_aux_files(tuned.folder, v.folder)
+        v.writer.write_index(job.tuned.sharded_index)
+        copy_aux_files(job.tuned.folder, v.folder)
         settings = _settings(cfg, v)
         summary = v.stats.summary(strategy=settings["strategy"], threshold_r=v.threshold_r)
-        run_record = {
-            "fingerprint": _fingerprint(cfg, base_model, tuned_model, v),
-            "config": {k: (str(val) if isinstance(val, Path) else val)
-                       for k, val in asdict(cfg).items()},
-            "command": sys.argv,
-            "versions": versions,
-        }
-        header = {"variant": v.name, **settings,
-                  "base": {"source": base_model.source, "revision": base_model.revision},
-                  "tuned": {"source": tuned_model.source, "revision": tuned_model.revision},
-                  "run": run_record}
+        fingerprint = _fingerprint(job, v)
+        run_record = {"fingerprint": fingerprint, "config": config, "command": sys.argv,
+                      "versions": versions}
+        header = {"variant": v.name, **settings, "base": fingerprint["base"],
+                  "tuned": fingerprint["tuned"], "run": run_record}
         write_stats(v.folder, header, v.stats, summary)
         build_card(variant=v.name, base=header["base"], tuned=header["tuned"],
                    settings=settings, summary=summary).save(v.folder / "README.md")
         (v.folder / CONFIG_FILE).write_text(json.dumps(run_record, indent=2) + "\n")
-        commit_folder(v.folder, out / v.name)
-        log.info("%s: restored %d of %d region elements -> %s", v.name, v.stats.restored, total,
-                 out / v.name)
+        log.info("%s: restored %d of %d region elements", v.name, v.stats.restored,
+                 job.selection.total)

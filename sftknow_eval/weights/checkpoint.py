@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -57,10 +58,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -77,12 +75,9 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class RawRange:
-    """Flat elements of one tensor as raw bytes: ``nbytes`` at ``offset`` of an open shard
-    (``fd``), or, for pickle checkpoints, a flat slice of the loaded tensor (``tensor``).
-
-    ``dtype`` is the safetensors dtype name (``BF16``, ``F32``, ...). :meth:`read` may run on
-    any thread: positional reads share no file position.
-    """
+    """Flat elements of one tensor (``dtype``: the safetensors name) as raw bytes: ``nbytes`` at
+    ``offset`` of an open shard (``fd``), or a slice of a loaded pickle tensor (``tensor``).
+    :meth:`read` may run on any thread: positional reads share no file position."""
 
     dtype: str
     itemsize: int
@@ -115,12 +110,8 @@ def resolve_model(id_or_path: str, revision: str | None = None) -> ResolvedModel
         return ResolvedModel(str(id_or_path), path, revision or (match.group(1) if match else None))
     if path.exists():
         raise UserError(f"{id_or_path}: expected a model folder, got a file")
-    try:
-        from sftknow_eval import hub  # lazy: the Hub door is optional for local work
-    except ImportError as error:  # pragma: no cover - only before hub.py exists
-        raise UserError(
-            f"{id_or_path}: no such folder, and Hub downloads are unavailable ({error})"
-        ) from error
+    from sftknow_eval import hub  # lazy: local work needs no Hub door
+
     local = Path(hub.resolve_model(id_or_path, revision=revision))
     match = _SNAPSHOT_COMMIT.search(str(local.resolve()))
     return ResolvedModel(str(id_or_path), local, match.group(1) if match else revision)
@@ -147,11 +138,8 @@ def _safe_relative(folder: Path, name: str) -> str:
 
 @dataclass
 class Checkpoint:
-    """A model folder's tensors: ``tensors`` maps name -> TensorInfo; ``files`` lists shards.
-
-    ``metadata`` holds each shard's ``__metadata__`` (safetensors) so the writer can keep it.
-    Pickle checkpoints (``*.bin``) are only readable when ``allow_pickle`` was set on open.
-    """
+    """A model folder's tensors (name -> TensorInfo), its shard files and each shard's
+    ``__metadata__``; pickle checkpoints (``*.bin``) only when opened with ``allow_pickle``."""
 
     folder: Path
     files: list[str]
@@ -193,20 +181,17 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, dict[str, str] | None] = {}
         for file in files:
-            # framework "numpy": listing needs no torch (restore itself never imports it)
-            with safe_open(folder / file, framework="numpy") as handle:  # validates the header
-                offsets = _data_offsets(folder / file)
-                metadata[file] = handle.metadata()
-                for name in handle.keys():
-                    sl = handle.get_slice(name)
-                    dtype = sl.get_dtype()
-                    if dtype not in DTYPE_SIZES:
-                        raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
-                                        f"{sl.get_dtype()}")
-                    if name in tensors:
-                        raise UserError(f"{folder}: tensor {name} appears in two shards")
-                    tensors[name] = TensorInfo(name, dtype, tuple(sl.get_shape()), file,
-                                               offsets[name])
+            with safe_open(folder / file, framework="numpy"):  # validates the header (no torch)
+                header, start = _header(folder / file)
+            metadata[file] = header.pop("__metadata__", None)
+            for name, entry in header.items():
+                if entry["dtype"] not in DTYPE_SIZES:
+                    raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
+                                    f"{entry['dtype']}")
+                if name in tensors:
+                    raise UserError(f"{folder}: tensor {name} appears in two shards")
+                tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), file,
+                                           start + int(entry["data_offsets"][0]))
         return cls(folder, files, tensors, metadata, index)
 
     @classmethod
@@ -256,10 +241,7 @@ class Checkpoint:
         return self._handle.get_tensor(name)  # type: ignore[union-attr]
 
     def raw_range(self, name: str, start: int, stop: int) -> RawRange:
-        """Flat elements ``[start, stop)`` of a tensor, to be read with :meth:`RawRange.read`.
-
-        Shard files stay open for positional reads until :meth:`close`.
-        """
+        """Flat elements ``[start, stop)`` of a tensor (its shard stays open until :meth:`close`)."""
         info = self.tensors[name]
         size = info.itemsize
         if info.offset is None:  # pickle: no byte offsets; a slice of the mapped tensor
@@ -275,8 +257,7 @@ class Checkpoint:
 
     def close(self) -> None:
         """Drop the open shard (and with it the mapped pages) and the files open for reads."""
-        self._handle = None
-        self._open_file = None
+        self._handle = self._open_file = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -295,24 +276,16 @@ def standard_shard_names(files: list[str]) -> dict[str, str]:
             for i, file in enumerate(files, start=1)}
 
 
-def _data_offsets(path: Path) -> dict[str, int]:
-    """Each tensor's absolute data offset in a safetensors file, from its header.
-
-    Read by hand (8-byte little-endian header length, then JSON with ``data_offsets`` relative
-    to the end of the header): the safetensors package does not expose where the bytes are.
-    """
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and where its data starts. Read by hand (8-byte
+    little-endian length, then JSON): the safetensors package does not say where bytes are."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    start = 8 + length
-    return {name: start + int(entry["data_offsets"][0]) for name, entry in header.items()
-            if name != "__metadata__"}
+        return json.loads(handle.read(length)), 8 + length
 
 
-DTYPE_SIZES: dict[str, int] = {
-    "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1,
-}
+DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4,
+                               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 #: A stored element's raw bits, by itemsize (bfloat16 has no numpy dtype).
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}

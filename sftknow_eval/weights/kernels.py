@@ -1,23 +1,16 @@
 """Fused element loops of the streaming top-k passes, compiled with numba.
 
-Each pass visits every element of the model once; done with torch or numpy, every step (cast,
-subtract, abs, divide, key, bin, gather, scatter-add, compare) is a separate sweep over the
-chunk, about a dozen per element, and that was two thirds of restore's time (benchmarks/restore,
-runs 5-6). No library offers "relative change, key and histogram in one sweep", so these loops
-are written here and compiled: one sweep per chunk and pass, with the GIL released so that
-worker threads run them side by side.
+With torch or numpy every step (cast, subtract, abs, divide, key, bin, count, compare) is a
+sweep of its own over a chunk, about a dozen per element: two thirds of restore's time
+(benchmarks/restore, runs 5-6). No library offers "relative change, key and histogram in one
+sweep", so these loops are compiled here, GIL released so that worker threads run side by side.
 
-They reproduce ``topk`` exactly: r is computed in float32 with the same operations in the
-same order as :func:`topk.relative_change` (IEEE single precision; no fast-math, so the
-bits match torch's), keys as in :func:`topk.score_keys`. ``tests/test_restore_kernels.py``
-checks both against the torch definitions bit for bit.
-
-Inputs are flat arrays of the stored values: ``uint16`` holds bfloat16 bit patterns (widened
-here by a shift, exactly as a bf16 -> float32 cast does), ``float32`` is used as is; callers
-cast other float dtypes to float32 first (:func:`as_kernel_input`).
-
-The compiled code is cached beside this file (``cache=True``), so only the first run on a
-machine pays the compilation (a few seconds).
+They reproduce ``topk`` exactly: r in float32 with the operations and order of
+:func:`topk.relative_change` (no fast-math, so the bits match torch's), keys as in
+:func:`topk.score_keys` (``tests/test_restore_kernels.py`` checks both bit for bit). Inputs are
+flat arrays of stored values: ``uint16`` holds bfloat16 bits (widened by a shift, as torch's
+cast does), ``float32`` is used as is, other floats are cast first (:func:`as_kernel_input`).
+The compiled code is cached beside this file, so only a machine's first run compiles it.
 """
 
 from __future__ import annotations
@@ -27,9 +20,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from sftknow_eval.weights.topk import BIN_SHIFT, EPS, FINE, INF_BITS, MASK32, MIX, STRATEGIES
+from sftknow_eval.weights.topk import BIN_SHIFT, EPS, FINE, INF_BITS, MASK32, MIX
 
-STRATEGY_CODES = {name: code for code, name in enumerate(STRATEGIES)}  # top 0, bottom 1, random 2
 _EPS32 = np.float32(EPS)
 _KEY_LIMIT = 1 << 31
 BLOCK = 1024  # elements per vectorised step
@@ -102,12 +94,9 @@ def _key(r, strategy, index, seed_term):
 
 @njit(inline="always")
 def _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys):
-    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``.
-
-    The inputs are sliced to the block first: indexed as ``base[start + j]``, LLVM left these
-    loops scalar (ten times slower; the division dominates). One loop per strategy, each with
-    a constant one, so each vectorises.
-    """
+    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``. The block
+    is sliced first (indexed as ``base[start + j]`` LLVM left the loop scalar, ten times slower)
+    and each strategy has a loop of its own, so that each vectorises."""
     b = base[start:start + size]
     t = tuned[start:start + size]
     if strategy == 0:
@@ -129,12 +118,8 @@ def _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys):
 
 @njit(inline="always")
 def _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes):
-    """:func:`_r_and_keys`, and the block's r added to ``lanes`` (LANES partial sums, element
-    j into lane j % LANES).
-
-    The partial sums break the chain of dependent additions; the order of additions is fixed
-    by the chunk's elements alone, not by threads.
-    """
+    """:func:`_r_and_keys`, and the block's r added to ``lanes`` (element j into lane j % LANES:
+    partial sums break the chain of additions; their order depends on the chunk alone)."""
     _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys)
     full = size - size % LANES
     for j in range(0, full, LANES):
@@ -198,17 +183,11 @@ def count_in_bins(base, tuned, strategy, first, seed_term, low, slots, fine):
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def find_candidates(base, tuned, base_raw, strategy, first, seed_term, low, pos, keys, r_out,
                     raw_out):
-    """The writing pass on one region chunk: the elements whose key is at least ``low``.
-
-    Writes their positions (ascending), keys, r and stored base values (``base_raw``: the
-    chunk's raw bits) into the front of ``pos``, ``keys``, ``r_out`` and ``raw_out``; returns
-    how many.
-
-    Per block: r and keys (vectorised), the candidates' offsets (branch-free: always store,
-    advance only for a candidate; a branch would mispredict on a good share of the elements
-    when k is large), then their fields. Storing all four fields for every element, as one
-    sweep would, cost twice as much: stores were the limit.
-    """
+    """The write pass on one region chunk: the elements whose key is at least ``low``; their
+    positions (ascending), keys, r and raw base values go to the front of ``pos``, ``keys``,
+    ``r_out`` and ``raw_out``; returns how many. Per block: r and keys (vectorised), the
+    candidates' offsets (branch-free: a branch mispredicts when k is large), then their fields
+    (storing all four for every element cost twice as much)."""
     r = np.empty(BLOCK, np.float32)
     block_keys = np.empty(BLOCK, np.int64)
     found = np.empty(BLOCK, np.int32)
@@ -254,15 +233,12 @@ def count_ties(keys, cuts, out):
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def group_by_cut(keys, cuts, takes, order, bounds):
-    """The writing pass: group candidates by the first k that selects them.
+    """The write pass: group candidates by the first k that selects them, in one sweep.
 
-    ``cuts`` are the k's exact threshold keys, smallest k first (so non-increasing); k number
-    j selects the keys above ``cuts[j]`` and the first ``takes[j]`` keys equal to it (in
-    order: the ties it still takes in this chunk). Candidate i goes to group ``g``, the first
-    k that selects it (``len(cuts)``: none does). ``order`` gets the candidates group by group,
-    each group in order; group g is ``order[bounds[g]:bounds[g + 1]]``. One sweep instead of
-    one per k. Returns how many tied candidates one k selects and a larger k does not: 0
-    unless the selections are not nested, which the caller's patching in place relies on.
+    ``cuts``: the k's exact cut keys, smallest k first (non-increasing); k number j selects the
+    keys above ``cuts[j]`` and the first ``takes[j]`` keys equal to it. Group g (``len(cuts)``:
+    no k) is ``order[bounds[g]:bounds[g + 1]]``, in order. Returns how many tied candidates a
+    k selects and a larger k does not: 0 unless the selections are not nested.
     """
     groups = cuts.size
     counts = np.zeros(groups + 1, np.int64)

@@ -72,11 +72,8 @@ def random_seed_term(seed: int) -> int:
 
 
 def random_keys(start: int, n: int, seed: int) -> torch.Tensor:
-    """Seeded 31-bit hash keys for global indices start..start+n-1 (int64).
-
-    A counter-based hash (no generator state), so the draw does not depend on how the
-    checkpoint is sharded or in which order tensors are read.
-    """
+    """Seeded 31-bit hash keys (int64) of global indices start..start+n-1: a counter-based
+    hash, so the draw depends neither on the sharding nor on the reading order."""
     import torch
 
     x = torch.arange(start, start + n, dtype=torch.int64)
@@ -169,21 +166,11 @@ def exact_cuts(thresholds: list[Threshold], fine: np.ndarray, slots: np.ndarray)
 
 
 def count_fine(keys: np.ndarray, slots: np.ndarray, fine: np.ndarray) -> None:
-    """Add the keys that fall in a counted bin to ``fine`` (slots x FINE), with numpy: the
-    form for whole tensors (``kernels.count_in_bins`` streams chunks)."""
+    """Add the keys that fall in a counted bin to ``fine`` (slots x FINE), with numpy (for
+    whole tensors; ``kernels.count_in_bins`` is the compiled form for chunks)."""
     keys = np.asarray(keys, dtype=np.int64)
     slot = slots[keys >> BIN_SHIFT]
     hit = slot >= 0
     flat = slot[hit].astype(np.int64) * FINE + (keys[hit] & (FINE - 1))
     fine += np.bincount(flat, minlength=fine.size).reshape(fine.shape)
 
-
-def reference_selection(r: torch.Tensor, n: int, strategy: str, seed: int = 0) -> torch.Tensor:
-    """Brute-force reference on a whole flat r (global order): a bool mask of the n selected."""
-    import torch
-
-    keys = score_keys(r.reshape(-1).float().clone(), strategy, 0, seed).numpy().astype(np.int64)
-    order = np.lexsort((np.arange(keys.size), -keys))[:n]
-    mask = torch.zeros(keys.size, dtype=torch.bool)
-    mask[torch.from_numpy(order)] = True
-    return mask

@@ -1,16 +1,11 @@
 """Sharded writer: streams tensors into safetensors shards laid out like a source checkpoint.
 
 Each output shard gets the source shard's file name, tensor names, dtypes, shapes and
-``__metadata__``. The file is preallocated (its blocks reserved on disk, see
-:func:`preallocate`) from a header computed up front, then filled chunk by chunk with
-``os.pwrite``. Written by hand because safetensors' own ``save_file`` needs every tensor of a
-shard in memory at once, which would put one shard per output in RAM. Outputs live in a temp
-folder beside the final one and are renamed into place only when complete.
-
-Written data streams to disk a little behind the writes and leaves the page cache
-(:class:`WriteBehind`): several model-sized outputs would otherwise fill memory with dirty
-pages, push the inputs out of the cache and stall every write on the kernel's dirty-page
-throttling (measured in benchmarks/restore).
+``__metadata__``. Its header is computed up front, its blocks reserved (:func:`preallocate`),
+then it is filled chunk by chunk with ``os.pwrite``: safetensors' own ``save_file`` needs a
+whole shard in memory, one per output. Written data goes to disk a little behind the writes
+and leaves the page cache (:class:`WriteBehind`), so several model-sized outputs do not fill
+memory with dirty pages and stall every write (benchmarks/restore).
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +22,6 @@ import numpy as np
 from sftknow_eval.weights.checkpoint import SAFETENSORS_INDEX, TensorInfo
 from sftknow_eval.write_behind import WriteBehind, preallocate
 
-TEMP_PREFIX = ".tmp-restore-"
 #: Files copied from the tuned model beside the weights (config, tokenizer, generation config).
 AUX_PATTERNS = (
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -119,33 +112,3 @@ def copy_aux_files(source: Path, target: Path) -> list[str]:
             shutil.copy2(path, target / path.name)
             copied.append(path.name)
     return copied
-
-
-def new_temp_folder(out: Path, variant: str) -> Path:
-    """A fresh hidden folder beside the final one; renamed into place by :func:`commit_folder`."""
-    out.mkdir(parents=True, exist_ok=True)
-    folder = out / f"{TEMP_PREFIX}{variant}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir()
-    return folder
-
-
-def commit_folder(temp: Path, final: Path) -> None:
-    """Atomically move a finished temp folder into place (replacing an older output)."""
-    if final.exists():
-        old = final.with_name(f"{TEMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-        temp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temp.rename(final)
-
-
-def clean_stale_temps(out: Path) -> list[Path]:
-    """Remove temp folders left by an interrupted run (they never look like outputs)."""
-    removed = []
-    if out.is_dir():
-        for path in out.iterdir():
-            if path.is_dir() and path.name.startswith(TEMP_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
