@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_restore_kernels import score_keys
 
 from sftknow_eval.restore import RestoreConfig, restore
 from sftknow_eval.weights import topk as selector
@@ -96,7 +97,7 @@ def expected(base, tuned, region_names, k, strategy, seed=0):
     elif strategy == "bottom":
         order = torch.sort(flat_r, stable=True).indices[:n]
     else:
-        keys = selector.score_keys(flat_r, "random", 0, seed).numpy().astype(np.int64)
+        keys = score_keys(flat_r, "random", 0, seed).numpy().astype(np.int64)
         order = torch.from_numpy(np.lexsort((np.arange(keys.size), -keys))[:n])
     mask = torch.zeros(flat_r.numel(), dtype=torch.bool)
     mask[order] = True

@@ -109,7 +109,7 @@ class CheckpointPair:
         return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
 
 
-_FLOATS = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+_FLOATS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 class _Buffers:
@@ -127,9 +127,7 @@ class _Buffers:
         for source, data, own, scratch in ((base, base_bytes, self.base, self.base32),
                                            (tuned, tuned_bytes, self.tuned, self.tuned32)):
             data = source.read(own) if data is None else data
-            bf16 = source.dtype == "BF16"
-            chunks.append(kernels.as_kernel_input(
-                data.view(np.uint16 if bf16 else _FLOATS[source.dtype]), bf16, scratch))
+            chunks.append(kernels.as_kernel_input(data.view(_FLOATS[source.dtype]), scratch))
         return chunks[0], chunks[1]
 
     def zeroed(self, size: int) -> np.ndarray:

@@ -1,9 +1,7 @@
-"""The restore engine: resolve and preflight both models, run the passes, finish outputs.
-
-Usable from Python without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
-The passes themselves (what they read, decide and keep in memory) live in ``passes``; this
-module owns everything around them: argument checks, resuming and skipping finished variants,
-the disk check, statistics, cards, the atomic rename into place and the Hub push.
+"""The restore engine, usable without the CLI: ``restore(RestoreConfig(base=..., tuned=...,
+out=...))``. The passes (what they read, decide and keep in memory) live in ``passes``; this
+module owns the rest: argument checks, skipping finished variants, the disk check, statistics,
+cards, the atomic rename into place and the Hub push.
 """
 
 from __future__ import annotations
@@ -19,27 +17,13 @@ from pathlib import Path
 
 from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.errors import UserError
+from sftknow_eval.restore import passes
 from sftknow_eval.restore.card import build_card
-from sftknow_eval.restore.passes import (
-    CheckpointPair,
-    Selection,
-    Variant,
-    exact_cuts,
-    pieces,
-    scan,
-    write_variants,
-)
+from sftknow_eval.restore.passes import Selection, Variant
 from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
 from sftknow_eval.versions import library_versions
-from sftknow_eval.weights import topk
+from sftknow_eval.weights import regions, topk
 from sftknow_eval.weights.checkpoint import Checkpoint, ResolvedModel, preflight, resolve_model
-from sftknow_eval.weights.regions import (
-    in_layer_group,
-    natural_key,
-    parse_layer_groups,
-    region_pattern,
-    select_region,
-)
 from sftknow_eval.weights.writer import ShardedWriter, copy_aux_files
 
 log = logging.getLogger(__name__)
@@ -162,9 +146,10 @@ def _check_config(cfg: RestoreConfig) -> list[Variant]:
         raise UserError(f"--chunk-elements {cfg.chunk_elements}: use 1 to {2**31 - 1}")
     if cfg.layers and cfg.k:
         raise UserError("--layers restores whole layer groups; do not combine it with --k")
-    region_pattern(cfg.region)
+    regions.region_pattern(cfg.region)
     if cfg.layers:
-        return [Variant(f"layers{_group_text(g)}", group=g) for g in parse_layer_groups(cfg.layers)]
+        groups = regions.parse_layer_groups(cfg.layers)
+        return [Variant(f"layers{_group_text(g)}", group=g) for g in groups]
     ks = dict.fromkeys(topk.validate_k(float(k)) for k in (cfg.k or DEFAULT_K))
     return [Variant(variant_name(cfg.strategy, k), k=k) for k in ks]
 
@@ -177,7 +162,7 @@ def _open(cfg: RestoreConfig) -> _Job:
     tuned = Checkpoint.open(tuned_model.path, allow_pickle=cfg.allow_pickle)
     preflight(base, tuned)
     floats = {n for n, i in tuned.tensors.items() if i.is_float}
-    region = select_region(tuned.tensors, cfg.region, floats)
+    region = regions.select_region(tuned.tensors, cfg.region, floats)
     if not region:
         raise UserError(f"--region {cfg.region!r} matches no floating-point tensor of {cfg.tuned}")
     starts, total = {}, 0
@@ -194,7 +179,7 @@ def _check_variants(job: _Job, variants: list[Variant]) -> None:
         if v.k is not None and topk.count_to_select(total, v.k) == 0:
             raise UserError(f"--k {v.k:g}: {v.k:g}% of the region's {total} elements is less "
                             "than one")
-        if v.group is not None and not any(in_layer_group(n, v.group) for n in region):
+        if v.group is not None and not any(regions.in_layer_group(n, v.group) for n in region):
             raise UserError(f"--layers {_group_text(v.group)}: no tensor of region "
                             f"{job.cfg.region!r} lies in these layers")
 
@@ -233,10 +218,10 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
     workers, size = _workers(cfg.threads), cfg.chunk_elements
     # natural name order in every pass: region tensors then come in global element order,
     # which the tie-break (lower global index first) relies on
-    order = sorted(tuned.tensors, key=natural_key)
-    pair = CheckpointPair(job.base, tuned)
-    floats = pieces(tuned, order, selection, size, True)
-    scanned = scan(pair, floats, selection, workers, size, cfg.progress)
+    order = sorted(tuned.tensors, key=regions.natural_key)
+    pair = passes.CheckpointPair(job.base, tuned)
+    floats = passes.pieces(tuned, order, selection, size, True)
+    scanned = passes.scan(pair, floats, selection, workers, size, cfg.progress)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
         raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
@@ -244,7 +229,7 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
     if selecting:
         thresholds = topk.threshold_bins(
             scanned.hist, [topk.count_to_select(selection.total, v.k) for v in selecting])
-        cuts = exact_cuts(pair, floats, selection, thresholds, workers, size, cfg.progress)
+        cuts = passes.exact_cuts(pair, floats, selection, thresholds, workers, size, cfg.progress)
         for v, cut in zip(selecting, cuts, strict=True):
             v.cut, v.threshold_r = cut, topk.key_to_r(cut.key, cfg.strategy)
     with contextlib.ExitStack() as folders:  # each renamed into place once all are done
@@ -255,8 +240,8 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
             v.writer = ShardedWriter(v.folder, tuned.output_layout(), tuned.tensors,
                                      tuned.metadata)
         try:
-            write_variants(pair, pieces(tuned, order, selection, size, False), selection,
-                           variants, workers, size, cfg.progress)
+            passes.write_variants(pair, passes.pieces(tuned, order, selection, size, False),
+                                  selection, variants, workers, size, cfg.progress)
         except BaseException:
             for v in variants:
                 with contextlib.suppress(OSError):  # the first error is the one to report
@@ -265,7 +250,7 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
         for v in variants:
             v.writer.close()
         for v in (v for v in variants if v.group is not None):
-            for name in (n for n in job.region if in_layer_group(n, v.group)):
+            for name in (n for n in job.region if regions.in_layer_group(n, v.group)):
                 v.stats.add(name, tuned.tensors[name].numel, scanned.sum_r[name])
         _finish(job, variants)
 

@@ -7,9 +7,9 @@ sweep", so these loops are compiled here, GIL released so that worker threads ru
 
 They reproduce ``topk`` exactly: r in float32 with the operations and order of
 :func:`topk.relative_change` (no fast-math, so the bits match torch's), keys as in
-:func:`topk.score_keys` (``tests/test_restore_kernels.py`` checks both bit for bit). Inputs are
+torch references in ``tests/test_restore_kernels.py`` (checked bit for bit). Inputs are
 flat arrays of stored values: ``uint16`` holds bfloat16 bits (widened by a shift, as torch's
-cast does), ``float32`` is used as is, other floats are cast first (:func:`as_kernel_input`).
+cast does), ``uint32`` float32 bits, other floats are cast first (:func:`as_kernel_input`).
 The compiled code is cached beside this file, so only a machine's first run compiles it.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from sftknow_eval.weights.topk import BIN_SHIFT, EPS, FINE, INF_BITS, MASK32, MIX
 
@@ -44,21 +44,11 @@ def _bits_of_float(typingctx, value):
     return types.int32(types.float32), codegen
 
 
+@njit(inline="always")
 def _load(values, i):
-    """Element i as float32; in compiled code the overload below stands in for this."""
-    if values.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
-        return np.array([int(values[i]) << 16], dtype=np.uint32).view(np.float32)[0]
-    return np.float32(values[i])
-
-
-@overload(_load, inline="always")
-def _load_overload(values, i):
-    """Element i as float32: bf16 bits (uint16) are widened, float32 is read as is."""
-    if values.dtype == types.uint16:
-        return lambda values, i: _float_of_bits(np.uint32(values[i]) << np.uint32(16))
-    if values.dtype == types.float32:
-        return lambda values, i: values[i]
-    raise TypeError("restore kernels take uint16 (bfloat16 bits) or float32 arrays")
+    """Element i as float32 from its stored bits: uint16 holds a bfloat16 (the high half of a
+    float32, so widening is a shift, as torch's cast does), uint32 a float32."""
+    return _float_of_bits(np.uint32(values[i]) << np.uint32(32 - 8 * values.itemsize))
 
 
 @njit(inline="always")
@@ -70,7 +60,7 @@ def _relative_change(base, tuned, i):
 
 @njit(inline="always")
 def _random_key(index, seed_term):
-    """topk.random_keys for one global index (int64 arithmetic, same steps)."""
+    """The random strategy's key of one global index: a seeded counter-based 31-bit hash."""
     x = index & MASK32
     x ^= ((index >> 32) * MIX) & MASK32
     x ^= seed_term
@@ -83,8 +73,8 @@ def _random_key(index, seed_term):
 
 @njit(inline="always")
 def _key(r, strategy, index, seed_term):
-    """An element's key (topk.score_keys): r's bits (top), +inf's bits minus them
-    (bottom), or the seeded hash of its global index (random)."""
+    """An element's key (see ``topk``): r's bits (top), +inf's bits minus them (bottom), or
+    the seeded hash of its global index (random)."""
     if strategy == 0:
         return np.int64(_bits_of_float(r))
     if strategy == 1:
@@ -279,13 +269,13 @@ def group_by_cut(keys, cuts, takes, order, bounds):
     return broken
 
 
-def as_kernel_input(values: np.ndarray, is_bfloat16: bool, scratch: np.ndarray) -> np.ndarray:
-    """A flat chunk the kernels take: bf16 bits as uint16, float32 as is, others cast into
-    ``scratch`` (float32, at least as long) the way torch casts them (round to nearest even)."""
-    if is_bfloat16:
-        return values.view(np.uint16)
-    if values.dtype == np.float32:
+def as_kernel_input(values: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """A flat chunk of stored values as the kernels take it: bfloat16 bits (uint16) as they
+    are, float32 as its bits (uint32), other floats cast into ``scratch`` (float32, at least as
+    long) the way torch casts them (round to nearest even)."""
+    if values.dtype == np.uint16:
         return values
-    out = scratch[:values.size]
-    np.copyto(out, values, casting="same_kind")
-    return out
+    if values.dtype != np.float32:
+        np.copyto(scratch[:values.size], values, casting="same_kind")
+        values = scratch[:values.size]
+    return values.view(np.uint32)

@@ -3,9 +3,11 @@
 The rule, which every streaming pass reproduces exactly:
 
 * Relative change ``r = |tuned - base| / (|base| + 1e-8)`` in float32, whatever the stored dtype.
-* Each region element gets an integer *key*: for ``top`` the float32 bit pattern of r (bit
-  patterns of non-negative floats sort like the floats), for ``bottom`` ``INF_BITS - bits`` (so
-  larger key = smaller r), for ``random`` a seeded 31-bit hash of the element's global index.
+* Each region element gets an integer *key* (0 <= key < 2**31; larger keys are selected
+  first): for ``top`` the float32 bit pattern of r (bit patterns of non-negative floats sort
+  like the floats), for ``bottom`` ``INF_BITS - bits`` (so larger key = smaller r), for
+  ``random`` a seeded 31-bit hash of the element's global index (``kernels._random_key``: a
+  counter-based hash, so the draw depends neither on the sharding nor on the reading order).
 * The *global index* numbers the region's elements: tensors in natural name order (digit runs
   compared as numbers, so ``layers.2`` precedes ``layers.10``), elements row-major within each.
 * ``n = floor(N * k / 100)`` elements are selected: the first n of a stable sort by
@@ -69,36 +71,6 @@ def relative_change(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
 def random_seed_term(seed: int) -> int:
     """The seed's 32-bit contribution to every random key."""
     return (seed * 0x9E3779B1 + 0x7F4A7C15) & MASK32
-
-
-def random_keys(start: int, n: int, seed: int) -> torch.Tensor:
-    """Seeded 31-bit hash keys (int64) of global indices start..start+n-1: a counter-based
-    hash, so the draw depends neither on the sharding nor on the reading order."""
-    import torch
-
-    x = torch.arange(start, start + n, dtype=torch.int64)
-    high = x >> 32
-    x.bitwise_and_(MASK32)
-    x.bitwise_xor_((high * MIX) & MASK32)
-    x.bitwise_xor_(random_seed_term(seed))
-    for _ in range(3):
-        x.bitwise_xor_(x >> 16).mul_(MIX).bitwise_and_(MASK32)
-    x.bitwise_xor_(x >> 16)
-    return x.bitwise_right_shift_(1)
-
-
-def score_keys(r: torch.Tensor, strategy: str, start: int, seed: int) -> torch.Tensor:
-    """The integer key per element (int32, 0 <= key < 2**31): larger key = selected earlier."""
-    import torch
-
-    bits = r.reshape(-1).view(torch.int32)
-    if strategy == "top":
-        return bits
-    if strategy == "random":
-        return random_keys(start, r.numel(), seed).to(torch.int32)
-    if strategy != "bottom":
-        raise UserError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    return INF_BITS - bits
 
 
 def key_to_r(keys: np.ndarray | int, strategy: str) -> np.ndarray | float | None:
