@@ -136,32 +136,20 @@ class _Buffers:
         return self.table
 
 
-class _Pool:
-    """Worker threads, each with its own :class:`_Buffers`; ``workers == 1`` runs inline."""
+class _Pool(ThreadPoolExecutor):
+    """Worker threads, each with its own :class:`_Buffers`."""
 
     def __init__(self, workers: int, size: int):
-        self.workers, self.size = max(1, workers), size
-        self._local, self._lock = threading.local(), threading.Lock()
-        self.buffers: list[_Buffers] = []
-        self._executor = (ThreadPoolExecutor(self.workers, thread_name_prefix="restore")
-                          if self.workers > 1 else None)
+        super().__init__(max(1, workers), thread_name_prefix="restore")
+        self.workers, self.size, self.buffers = max(1, workers), size, []
+        self._mine, self._buffers_lock = threading.local(), threading.Lock()
 
     def own(self) -> _Buffers:
-        if not hasattr(self._local, "buffers"):
-            self._local.buffers = _Buffers(self.size)
-            with self._lock:
-                self.buffers.append(self._local.buffers)
-        return self._local.buffers
-
-    def submit(self, fn: Callable, *args) -> Future:
-        if self._executor is not None:
-            return self._executor.submit(fn, *args)
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as error:  # as a pool does: raised on .result()
-            future.set_exception(error)
-        return future
+        if not hasattr(self._mine, "buffers"):
+            self._mine.buffers = _Buffers(self.size)
+            with self._buffers_lock:
+                self.buffers.append(self._mine.buffers)
+        return self._mine.buffers
 
     def ordered(self, fn: Callable, items: Iterable, args: Callable) -> Iterator[tuple]:
         """``(item, fn(*args(item)))`` in order, ``2 * workers`` items ahead; ``args`` runs on
@@ -181,12 +169,8 @@ class _Pool:
     def summed_tables(self) -> np.ndarray:
         return np.sum([b.table for b in self.buffers if b.table is not None], axis=0)
 
-    def __enter__(self) -> _Pool:
-        return self
-
     def __exit__(self, *exc) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        self.shutdown(wait=True, cancel_futures=True)
 
 
 def _bar(total: int, what: str, progress: bool) -> tqdm:

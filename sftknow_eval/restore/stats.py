@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,45 +52,33 @@ class VariantStats:
         return sum(t.restored for t in self.tensors.values())
 
     def rows(self) -> list[dict[str, object]]:
-        rows = []
-        for name, t in self.tensors.items():
-            rows.append({
-                "tensor": name, "layer": layer_of(name), "module": module_of(name),
-                "numel": t.numel, "restored": t.restored,
-                "restored_fraction": t.restored / t.numel if t.numel else 0.0,
-                "mean_r_restored": t.sum_r_restored / t.restored if t.restored else 0.0,
-                "sum_r_restored": t.sum_r_restored, "sum_r": t.sum_r,
-            })
-        return rows
+        return [{"tensor": name, "layer": layer_of(name), "module": module_of(name),
+                 "numel": t.numel, "restored": t.restored,
+                 "restored_fraction": t.restored / t.numel if t.numel else 0.0,
+                 "mean_r_restored": t.sum_r_restored / t.restored if t.restored else 0.0,
+                 "sum_r_restored": t.sum_r_restored, "sum_r": t.sum_r}
+                for name, t in self.tensors.items()]
 
     def summary(self, *, strategy: str, threshold_r: float | None) -> dict[str, object]:
         total = sum(t.numel for t in self.tensors.values())
         restored = self.restored
         sum_r = sum(t.sum_r for t in self.tensors.values())
-        sum_sel = sum(t.sum_r_restored for t in self.tensors.values())
-        share = sum_sel / sum_r if sum_r > 0 else 0.0
-        per_layer: dict[str, float] = {}
-        per_module: dict[str, float] = {}
+        share = sum(t.sum_r_restored for t in self.tensors.values()) / sum_r if sum_r > 0 else 0.0
+        per_layer: Counter[str] = Counter()
+        per_module: Counter[str] = Counter()
         for name, t in self.tensors.items():
             layer = layer_of(name)
-            key = "none" if layer is None else str(layer)
-            per_layer[key] = per_layer.get(key, 0.0) + t.restored
-            module = module_of(name)
-            per_module[module] = per_module.get(module, 0.0) + t.restored
-        if restored:
-            per_layer = {k: v / restored for k, v in per_layer.items()}
-            per_module = {k: v / restored for k, v in per_module.items()}
-        per_module = dict(sorted(per_module.items(), key=lambda kv: -kv[1]))
+            per_layer["none" if layer is None else str(layer)] += t.restored
+            per_module[module_of(name)] += t.restored
+        scale = max(restored, 1)
         return {
-            "region_elements": total,
-            "restored_elements": restored,
+            "region_elements": total, "restored_elements": restored,
             "restored_fraction": restored / total if total else 0.0,
-            "threshold_r": threshold_r,
-            "selected_r_share": share,
-            "concentration": share if strategy == "top" else None,
-            "region_sum_r": sum_r,
-            "per_layer": per_layer,
-            "per_module": per_module,
+            "threshold_r": threshold_r, "selected_r_share": share,
+            "concentration": share if strategy == "top" else None, "region_sum_r": sum_r,
+            "per_layer": {k: v / scale for k, v in per_layer.items()},
+            "per_module": {k: v / scale for k, v in sorted(per_module.items(),
+                                                          key=lambda kv: -kv[1])},
         }
 
 
