@@ -105,8 +105,7 @@ def test_histogram_and_exact_counts_in_chosen_bins(strategy):
     slots = np.full(selector.NUM_BINS, -1, np.int32)
     slots[counted] = np.arange(counted.size)
     fine = np.zeros(counted.size * selector.FINE, np.int64)
-    kernels.count_in_bins(_inputs(base), _inputs(tuned), code, 0, seed_term,
-                          int(counted[0]) << selector.BIN_SHIFT, slots, fine)
+    kernels.count_in_bins(_inputs(base), _inputs(tuned), code, 0, seed_term, slots, fine)
     for slot, b in enumerate(counted.tolist()):
         low = keys[bins == b] & (selector.FINE - 1)
         np.testing.assert_array_equal(fine.reshape(-1, selector.FINE)[slot],

@@ -12,7 +12,7 @@ Every pass visits tensors in natural name order (the global element order), in c
 (:class:`Piece`) that workers read (positional reads) and run the compiled loops on
 (``weights.kernels``, GIL released); results are taken in order, so outputs and statistics do
 not depend on the workers or their timing. Memory does not grow with the model: per worker one
-chunk's buffers and a 4 MB histogram, in the write pass a fixed pool of :class:`_Slot`.
+chunk's buffers and a 256 KB histogram, in the write pass a fixed pool of :class:`_Slot`.
 """
 
 from __future__ import annotations
@@ -224,8 +224,7 @@ def exact_cuts(pair: CheckpointPair, parts: list[Piece], selection: Selection,
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> None:
         buffers = pool.own()
         kernels.count_in_bins(*buffers.inputs(base, tuned), strategy, piece.first, seed_term,
-                              bins[0] << topk.BIN_SHIFT, slots,
-                              buffers.zeroed(len(bins) * topk.FINE))
+                              slots, buffers.zeroed(len(bins) * topk.FINE))
 
     with _Pool(workers, size) as pool, _bar(len(region), "exact counts", progress) as bar:
         for _ in pool.ordered(work, region, pair.ranges):

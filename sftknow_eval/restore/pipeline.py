@@ -252,7 +252,7 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
         for v in (v for v in variants if v.group is not None):
             for name in (n for n in job.region if regions.in_layer_group(n, v.group)):
                 v.stats.add(name, tuned.tensors[name].numel, scanned.sum_r[name])
-        _finish(job, variants)
+        _finish(job, variants, out)
 
 
 def _workers(threads: int) -> int:
@@ -263,7 +263,7 @@ def _workers(threads: int) -> int:
                       else (os.cpu_count() or 1)))
 
 
-def _finish(job: _Job, variants: list[Variant]) -> None:
+def _finish(job: _Job, variants: list[Variant], out: Path) -> None:
     """Index, config and tokenizer files, statistics, card and run record."""
     cfg, versions = job.cfg, library_versions()
     config = {k: (str(val) if isinstance(val, Path) else val) for k, val in asdict(cfg).items()}
@@ -281,5 +281,5 @@ def _finish(job: _Job, variants: list[Variant]) -> None:
         build_card(variant=v.name, base=header["base"], tuned=header["tuned"],
                    settings=settings, summary=summary).save(v.folder / "README.md")
         (v.folder / CONFIG_FILE).write_text(json.dumps(run_record, indent=2) + "\n")
-        log.info("%s: restored %d of %d region elements", v.name, v.stats.restored,
-                 job.selection.total)
+        log.info("%s: restored %d of %d region elements -> %s", v.name, v.stats.restored,
+                 job.selection.total, out / v.name)

@@ -150,8 +150,8 @@ class Checkpoint:
         shard_files = sorted(p.name for p in folder.glob("*.safetensors"))
         if index_path.is_file():
             index = json.loads(index_path.read_text())
-            weight_map = index.get("weight_map") or {}
-            files = list(dict.fromkeys(_safe_relative(folder, f) for f in weight_map.values()))
+            files = list(dict.fromkeys(_safe_relative(folder, f)
+                                       for f in (index.get("weight_map") or {}).values()))
             for name in files:
                 if not (folder / name).is_file():
                     raise UserError(f"{folder}: index names a missing shard {name}")
@@ -200,14 +200,12 @@ class Checkpoint:
                     raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
                                     f"{value.dtype}")
                 tensors[name] = TensorInfo(name, names[value.dtype], tuple(value.shape), file)
-            del state
         return cls(folder, files, tensors,
                    {f: {"format": "pt"} for f in standard_shard_names(files).values()}, None,
                    pickle=True)
 
     def output_layout(self) -> dict[str, list[str]]:
-        """Shard file name as written (safetensors; pickle shards get the names transformers
-        loads, :func:`standard_shard_names`) -> tensor names, in reading order."""
+        """Output shard name (pickle shards get :func:`standard_shard_names`) -> tensor names."""
         names = standard_shard_names(self.files) if self.pickle else {}
         layout: dict[str, list[str]] = {}
         for info in self.tensors.values():
@@ -215,22 +213,18 @@ class Checkpoint:
         return layout
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The named tensor as a memory-mapped torch view (its shard stays open until the next
-        one). Imports torch: the restore passes use :meth:`raw_range` instead."""
+        """The named tensor as a memory-mapped torch view (imports torch; its shard stays open
+        until the next one's tensor is asked for)."""
         import torch
 
-        info = self.tensors[name]
-        if self._open_file != info.file:
+        file = self.tensors[name].file
+        if self._open_file != file:
             self.close()
-            if self.pickle:
-                self._handle = torch.load(self.folder / info.file, map_location="cpu", mmap=True,
-                                          weights_only=True)
-            else:
-                self._handle = safe_open(self.folder / info.file, framework="pt")
-            self._open_file = info.file
-        if self.pickle:
-            return self._handle[name]  # type: ignore[index]
-        return self._handle.get_tensor(name)  # type: ignore[union-attr]
+            self._handle = (torch.load(self.folder / file, map_location="cpu", mmap=True,
+                                       weights_only=True) if self.pickle
+                            else safe_open(self.folder / file, framework="pt"))
+            self._open_file = file
+        return self._handle[name] if self.pickle else self._handle.get_tensor(name)
 
     def raw_range(self, name: str, start: int, stop: int) -> RawRange:
         """Flat elements ``[start, stop)`` of a tensor (its shard stays open until :meth:`close`)."""

@@ -150,24 +150,23 @@ def histogram(base, tuned, strategy, first, seed_term, hist):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def count_in_bins(base, tuned, strategy, first, seed_term, low, slots, fine):
-    """The read-only pass on one region chunk: exact per-key counts inside the counted bins.
-
-    A key at least ``low`` (the lowest counted bin's first key) whose bin has a slot
-    (``slots[bin] >= 0``) adds one to ``fine[slot * FINE + (key & (FINE - 1))]``.
-    """
-    n = base.size
+def count_in_bins(base, tuned, strategy, first, seed_term, slots, fine):
+    """The read-only pass on one region chunk: a key whose bin has a slot (``slots[bin] >= 0``)
+    adds one to ``fine[slot * FINE + (key & (FINE - 1))]``. Per block: keys (vectorised), the
+    counted ones' offsets (branch-free, as in :func:`find_candidates`), then their counts."""
     r = np.empty(BLOCK, np.float32)
     keys = np.empty(BLOCK, np.int64)
-    for start in range(0, n, BLOCK):
-        size = min(BLOCK, n - start)
+    found = np.empty(BLOCK, np.int32)
+    for start in range(0, base.size, BLOCK):
+        size = min(BLOCK, base.size - start)
         _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys)
-        for j in range(size):
-            key = keys[j]
-            if key >= low and key < _KEY_LIMIT:
-                slot = slots[key >> BIN_SHIFT]
-                if slot >= 0:
-                    fine[slot * FINE + (key & (FINE - 1))] += 1
+        m = 0
+        for j in range(size):  # keys are finite here (pass 1 checked): mask for safety only
+            found[m] = j
+            m += slots[(keys[j] >> BIN_SHIFT) & (slots.size - 1)] >= 0
+        for c in range(m):
+            key = keys[found[c]]
+            fine[slots[key >> BIN_SHIFT] * FINE + (key & (FINE - 1))] += 1
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")

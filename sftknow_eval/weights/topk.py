@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 EPS = 1e-8
 INF_BITS = 0x7F800000  # float32 +inf; every finite non-negative r has smaller bits
-BIN_SHIFT = 12
+BIN_SHIFT = 16  # 32 K bins: a worker's histogram stays in its cache
 NUM_BINS = (1 << 31) >> BIN_SHIFT  # keys are < 2**31 for every strategy
 FINE = 1 << BIN_SHIFT  # exact keys per bin
 STRATEGIES = ("top", "bottom", "random")
@@ -100,16 +100,19 @@ class Cut:
     ties: int
 
 
+def _nth_from_top(counts: np.ndarray, n: int) -> tuple[int, int]:
+    """Where the n-th largest of ``counts`` (per key or bin, in key order) lies: its index, and
+    how many lie above it."""
+    from_top = np.cumsum(np.asarray(counts, dtype=np.int64)[::-1])
+    if not 0 < n <= from_top[-1]:
+        raise ValueError(f"cannot select {n} of {from_top[-1]} elements: the passes disagree")
+    pos = int(np.searchsorted(from_top, n, side="left"))
+    return len(counts) - 1 - pos, int(from_top[pos - 1]) if pos else 0
+
+
 def threshold_bins(hist: np.ndarray, counts: list[int]) -> list[Threshold]:
     """For each n (1 <= n <= the histogram's total), the bin holding the n-th largest key."""
-    from_top = np.cumsum(np.asarray(hist, dtype=np.int64)[::-1])
-    out = []
-    for n in counts:
-        if not 0 < n <= from_top[-1]:
-            raise ValueError(f"cannot select {n} of {from_top[-1]} elements")
-        pos = int(np.searchsorted(from_top, n, side="left"))
-        out.append(Threshold(n, len(hist) - 1 - pos, int(from_top[pos - 1]) if pos else 0))
-    return out
+    return [Threshold(n, *_nth_from_top(hist, n)) for n in counts]
 
 
 def slot_map(thresholds: list[Threshold]) -> tuple[np.ndarray, list[int]]:
@@ -125,15 +128,8 @@ def exact_cuts(thresholds: list[Threshold], fine: np.ndarray, slots: np.ndarray)
     """Each n's exact cut from the threshold bins' per-key counts (``fine``: slots x FINE)."""
     cuts = []
     for t in thresholds:
-        counts = np.asarray(fine[slots[t.bin]], dtype=np.int64)
-        from_top = np.cumsum(counts[::-1])
-        take = t.n - t.above
-        if not 0 < take <= from_top[-1]:
-            raise AssertionError(f"cannot take {take} of the {from_top[-1]} elements in the bin: "
-                                 "the passes saw different elements")
-        pos = int(np.searchsorted(from_top, take, side="left"))
-        above_in_bin = int(from_top[pos - 1]) if pos else 0
-        cuts.append(Cut(t.n, (t.bin << BIN_SHIFT) | (FINE - 1 - pos), take - above_in_bin))
+        low, above = _nth_from_top(fine[slots[t.bin]], t.n - t.above)
+        cuts.append(Cut(t.n, (t.bin << BIN_SHIFT) | low, t.n - t.above - above))
     return cuts
 
 
