@@ -53,6 +53,14 @@ def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object
         restore=restore_fields,
     )
     tuned_name = tuned_origin.repo_id if tuned_origin else tuned["source"]
+    body = _body(variant, f"{_label(tuned, tuned_origin)} and its base model "
+                 f"{_label(base, base_origin)}", str(tuned_name), base, tuned, settings, summary)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _body(variant: str, parents: str, tuned_name: str, base: dict[str, object],
+          tuned: dict[str, object], settings: dict[str, object], summary: dict[str, object]) -> str:
+    """The card's text: what was reset, from which models, and the counts."""
     k = settings.get("k")
     size = "largest" if settings["strategy"] == "top" else "smallest"
     what = (f"the {k}% of elements with the {size} relative change"
@@ -64,11 +72,11 @@ def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object
     module_lines = "\n".join(f"| {m} | {share:.1%} |" for m, share in modules.items())
     concentration = summary["concentration"]
     shown = "-" if concentration is None else f"{concentration:.4f}"
-    body = f"""
+    return f"""
 # {variant}: {tuned_name} with part of its fine-tuning undone
 
 Made by `sftknow-eval restore` (parameter restoration, Ye et al., EMNLP 2025) from the
-fine-tuned model {_label(tuned, tuned_origin)} and its base model {_label(base, base_origin)}:
+fine-tuned model {parents}:
 in the region `{settings['region']}`, {what} were reset from the fine-tuned model to the base
 model. Relative change is r = |tuned - base| / (|base| + 1e-8), in float32.
 
@@ -93,7 +101,6 @@ Restored elements per module:
 
 Full statistics: `restore_stats.json` and `restore_stats.tsv` in this repository.
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def _text(value: object) -> str | None:
