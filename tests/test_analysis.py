@@ -243,3 +243,15 @@ def test_updates_refuse_nan_like_restore_and_identical_models(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "are identical in region 'transformer'" in err
     assert err.count(str(tmp_path / "base")) == 2 and not (tmp_path / "same").exists()
+
+
+def test_update_analysis_reads_weights_without_restore_or_numba():
+    """The update lens uses the weights layer only: importing it loads neither the restore
+    package nor numba (the compiled restore loops)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sftknow_eval.analysis.updates; "
+            "print(sorted(m for m in sys.modules if m.startswith(('sftknow_eval.restore', 'numba'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
