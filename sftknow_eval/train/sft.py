@@ -27,6 +27,7 @@ from sftknow_eval import hub
 from sftknow_eval.atomic import clean_stale_work, work_folder
 from sftknow_eval.errors import UserError
 from sftknow_eval.lineage import HubOrigin, commit_sha, folder_origin, is_hub_id
+from sftknow_eval.recipe_files import resolve_package_path
 from sftknow_eval.train.recipes import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -121,12 +122,7 @@ def _sha256(path: Path) -> str:
 
 def resolve_base(name: str) -> str:
     """A recipe's model: a Hub id, a local folder, or a path inside the installed package."""
-    if Path(name).expanduser().exists():
-        return name
-    package_root = Path(__file__).resolve().parents[2]
-    if name.startswith("sftknow_eval/") and (package_root / name).exists():
-        return str(package_root / name)
-    return name
+    return resolve_package_path(name)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
