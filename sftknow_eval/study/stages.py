@@ -139,7 +139,9 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
         # launch`, run through this interpreter so the venv's accelerate is the one used).
         command = [sys.executable, "-m", "accelerate.commands.launch"]
         if train.accelerate_config:
-            command += ["--config_file", train.accelerate_config]
+            from sftknow_eval.recipe_files import find_accelerate_config
+
+            command += ["--config_file", str(find_accelerate_config(train.accelerate_config))]
         command += ["-m", "sftknow_eval.cli", "train", "--recipe", train.recipe, "--data",
                     str(data), "--out", str(out)]
         if push_to:
