@@ -158,3 +158,47 @@ def test_bad_dev_inputs_fail_before_restoring(fine_tune: Path, tmp_path: Path) -
     with pytest.raises(UserError, match="backend 'vllm' is not usable here"):
         restore_and_choose(config, family, choose.EvalSettings(backend="vllm"))
     assert not (tmp_path / "out" / "top5").exists()
+
+
+class _KnowsSomeSubjects:
+    """A scripted lm-eval model: always answers the object for the subjects it knows, else
+    something wrong (so known facts probe as D4 and the rest as D0)."""
+
+    def __init__(self, known: dict[str, str]) -> None:
+        self.known = known
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        outputs = []
+        for request in requests:
+            prompt = request.args[0].split("\n")[-1]
+            answer = next((obj for subject, obj in self.known.items() if subject in prompt), None)
+            outputs.append(f" {answer}" if answer else " nowhere in particular")
+        return outputs
+
+
+def test_entity_questions_dev_split_probes_and_writes_a_dev_family(tmp_path: Path) -> None:
+    """The real files' dev/ split is annotated by the probe like any other split, and `tasks
+    write --splits dev` turns it into the dev family --choose-on scores on."""
+    from sftknow_eval.probe.requests import ProbeSettings
+    from sftknow_eval.probe.run import ModelSpec, probe_facts
+    from sftknow_eval.readers import load_facts
+
+    fixture = Path(__file__).parent / "fixtures" / "entity_questions" / "dataset"
+    facts = load_facts(fixture / "dev") + load_facts(fixture / "train")
+    dev = [f for f in facts if f.split == "dev"]
+    assert dev and {f.domain for f in dev} == {"in", "out"}
+    known = {f.subject: f.object for f in dev[::2]}
+    spec = ModelSpec(model="hf", model_args="pretrained=fake-org/fake", key="fake")
+    probe_facts(facts, spec, tmp_path / "annotated", ProbeSettings(templates=2, samples=2),
+                lm=_KnowsSomeSubjects(known), progress=False, save_dataset=False)
+    assert (tmp_path / "annotated" / "facts" / "dev.jsonl").is_file()
+    assert main(["tasks", "write", "--annotated", str(tmp_path / "annotated"), "--name", "eqdev",
+                 "--splits", "dev", "--out", str(tmp_path / "family")]) == 0
+    folder, name = choose.dev_family(tmp_path / "family", tmp_path / "unused")
+    items = json.loads((folder / "family.json").read_text())["items"]
+    assert name == "eqdev" and sum(items["eqdev_id"].values()) == sum(f.domain == "in" for f in dev)
+    assert items["eqdev_id"]["D4"] > 0 and items["eqdev_id"]["D0"] > 0
+    # the same through annotated facts directly: the family is written from their dev split
+    folder, name = choose.dev_family(tmp_path / "annotated", tmp_path / "out")
+    assert folder == tmp_path / "out" / "dev_family" and name == "sftknow_dev"
+    assert choose._family_ids(folder) == {f.id for f in dev}
