@@ -302,12 +302,12 @@ def train(
     ``<push_to>-top<k>``.
     """
     started = time.perf_counter()
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    restorer = _restorer(loaded, restore_k, restore_region)  # a bad k or region fails now
     if push_to:  # a bad repo id, a missing token or a repo with content fail before any work
         hub.check_push_target(push_to, overwrite=overwrite_remote)
-        for name in restorer.variant_names() if restorer else []:
-            hub.check_push_target(f"{push_to}-{name}", overwrite=overwrite_remote)
+    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    restorer = _restorer(loaded, restore_k, restore_region)  # a bad k or region fails now
+    for name in restorer.variant_names() if restorer and push_to else []:
+        hub.check_push_target(f"{push_to}-{name}", overwrite=overwrite_remote)
     data_path, out_path = Path(data), Path(out)
     rows = read_prompt_completion(data_path)
     meta = read_sidecar(data_path)
