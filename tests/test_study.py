@@ -130,7 +130,7 @@ NAMED_INPUTS = {
     "unknown override": ({"train": {"overrides": {"lerning_rate": 1e-4}}},
                          r"train\.overrides: .*unknown recipe key\(s\) lerning_rate"),
     "bad override value": ({"train": {"overrides": {"num_train_epochs": "many"}}},
-                           r"train\.recipe: .*tiny\.yaml: a value does not parse"),
+                           r"train\.recipe: .*tiny\.yaml: num_train_epochs.*invalid float value: .many."),
     "missing model": ({"model": {"path": "/nonexistent/sftknow-base"}},
                       r"model\.path: /nonexistent/sftknow-base: no such folder"),
     "size above pool": ({"grid": {"categories": ["D0", "D4"], "sizes": [60, 200, 400],
