@@ -13,8 +13,8 @@ from hub_fixtures import tiny_rows
 from sftknow_eval import hub
 from sftknow_eval.cli import main
 from sftknow_eval.errors import UserError
-from sftknow_eval.restore.callback import RestoreCallback, variants_folder
 from sftknow_eval.train import train
+from sftknow_eval.train.restore_callback import RestoreCallback, variants_folder
 
 FAST = ["num_train_epochs=1", "logging_steps=1", "disable_tqdm=true"]
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from sftknow_eval import choose_k as choose
+from sftknow_eval.choose_k import Candidate, pick, restore_and_choose
 from sftknow_eval.cli import main
 from sftknow_eval.errors import UserError
 from sftknow_eval.lm_tasks.family import write_family
 from sftknow_eval.lm_tasks.results import FamilyScores
 from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
 from sftknow_eval.probe.categories import YE2025_CATEGORIES
-from sftknow_eval.restore import choose
-from sftknow_eval.restore.choose import Candidate, pick, restore_and_choose
 from sftknow_eval.restore.pipeline import RestoreConfig
 from sftknow_eval.world.shipped import model_path
 

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _choose(config: RestoreConfig, args: argparse.Namespace) -> int:
+    from sftknow_eval.choose_k import CHOICE_FILE, restore_and_choose
     from sftknow_eval.lm_tasks.evaluate import EvalSettings
-    from sftknow_eval.restore.choose import CHOICE_FILE, restore_and_choose
 
     batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit

@@ -297,7 +297,7 @@ def train(
     ``push_to`` (``org/name``) uploads the folder with :func:`sftknow_eval.hub.push_folder`.
     ``restore_k`` (percentages) also writes the restored variants of the fine-tuned model
     (its most-changed ``restore_region`` weights reset to the recipe's base model) to
-    ``<out>-restored/top<k>/`` through :class:`sftknow_eval.restore.callback.RestoreCallback`,
+    ``<out>-restored/top<k>/`` through :class:`.restore_callback.RestoreCallback`,
     byte-identical to ``sftknow-eval restore`` on the same pair; with ``push_to`` each goes to
     ``<push_to>-top<k>``.
     """
@@ -337,7 +337,7 @@ def _restorer(loaded: Recipe, restore_k: list[float] | None, region: str) -> Any
     """The RestoreCallback for ``restore_k`` (None without), its base the recipe's model."""
     if not restore_k:
         return None
-    from sftknow_eval.restore.callback import RestoreCallback
+    from sftknow_eval.train.restore_callback import RestoreCallback
 
     base = loaded.model.model_name_or_path
     if not base:
