@@ -10,6 +10,7 @@ every one with ``push_all``; nothing restored when no k beats k = 0).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -255,3 +256,46 @@ def _push(config: RestoreConfig, folders: dict[str, Path], choice: Choice,
                                        commit_message=f"sftknow-eval restore --choose-on: {name}")
         logger.info("pushed %s: %s", name, pushed[name])
     return pushed
+
+
+# -- the command line (restore's --choose-on flags) ------------------------------------------
+
+
+def add_choose_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``restore`` flags of the dev-data choice."""
+    choose = parser.add_argument_group(
+        "choosing k on dev data",
+        "--choose-on scores the unrestored fine-tune (k = 0) and every variant with lm-eval on "
+        "dev facts, keeps the highest macro Acc (ties: the smaller k), writes OUT/choice.json "
+        "and a card section, and with --push-to publishes only the chosen variant")
+    choose.add_argument("--choose-on", metavar="DEV",
+                        help="a dev task family folder (tasks write --splits dev) or annotated "
+                             "facts with a dev split (probe output, Hub dataset id)")
+    choose.add_argument("--model", dest="eval_backend", default="hf", metavar="BACKEND",
+                        help="lm-eval model backend for the dev scores (hf, vllm, ...; default hf)")
+    choose.add_argument("--model-args", default="",
+                        help="lm-eval model args after pretrained=<model>, e.g. dtype=bfloat16")
+    choose.add_argument("--batch-size", default="8", help="lm-eval batch size (default 8)")
+    choose.add_argument("--device", default=None, help="lm-eval device (e.g. cpu, cuda)")
+    choose.add_argument("--limit", type=float, default=None,
+                        help="lm-eval --limit per bucket task (a quick look, not a choice to trust)")
+    choose.add_argument("--push-all", action="store_true",
+                        help="with --push-to: publish every variant, not only the chosen one")
+
+
+def run_choose(config: RestoreConfig, args: argparse.Namespace) -> int:
+    """``restore --choose-on``: the run, the dev table on the console, what was published."""
+    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    settings = EvalSettings(backend=args.eval_backend, model_args=args.model_args,
+                            batch_size=batch, device=args.device, limit=limit)
+    choice = restore_and_choose(config, args.choose_on, settings, push_all=args.push_all)
+    print(choice.table())
+    if choice.restored:
+        print(f"chosen: {choice.chosen.name} ({choice.chosen.model}); {config.out / CHOICE_FILE}")
+    else:
+        print("no k beats the unrestored fine-tune on the dev split: keep the fine-tune "
+              f"(nothing restored is published); {config.out / CHOICE_FILE}")
+    for name, url in choice.pushed.items():
+        print(f"pushed {name}: {url}")
+    return 0

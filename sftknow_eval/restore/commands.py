@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sftknow_eval.choose_k import add_choose_arguments, run_choose
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.pipeline import DEFAULT_K, RestoreConfig, restore
 from sftknow_eval.restore.regions import REGIONS
@@ -61,24 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="worker threads that read chunks and run the compiled element "
                              "loops (default 0: one per core, at most 2)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    choose = parser.add_argument_group(
-        "choosing k on dev data",
-        "--choose-on scores the unrestored fine-tune (k = 0) and every variant with lm-eval on "
-        "dev facts, keeps the highest macro Acc (ties: the smaller k), writes OUT/choice.json "
-        "and a card section, and with --push-to publishes only the chosen variant")
-    choose.add_argument("--choose-on", metavar="DEV",
-                        help="a dev task family folder (tasks write --splits dev) or annotated "
-                             "facts with a dev split (probe output, Hub dataset id)")
-    choose.add_argument("--model", dest="eval_backend", default="hf",
-                        help="lm-eval model backend for the dev scores (hf, vllm, ...; default hf)")
-    choose.add_argument("--model-args", default="",
-                        help="lm-eval model args after pretrained=<model>, e.g. dtype=bfloat16")
-    choose.add_argument("--batch-size", default="8", help="lm-eval batch size (default 8)")
-    choose.add_argument("--device", default=None, help="lm-eval device (e.g. cpu, cuda)")
-    choose.add_argument("--limit", type=float, default=None,
-                        help="lm-eval --limit per bucket task (a quick look, not a choice to trust)")
-    choose.add_argument("--push-all", action="store_true",
-                        help="with --push-to: publish every variant, not only the chosen one")
+    add_choose_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -94,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, threads=args.threads,
     )
     if args.choose_on:
-        return _choose(config, args)
+        return run_choose(config, args)
     if args.push_all:
         raise UserError("--push-all goes with --choose-on (without it every variant is pushed)")
     result = restore(config)
@@ -106,22 +90,3 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     return 0
 
-
-def _choose(config: RestoreConfig, args: argparse.Namespace) -> int:
-    from sftknow_eval.choose_k import CHOICE_FILE, restore_and_choose
-    from sftknow_eval.lm_tasks.evaluate import EvalSettings
-
-    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    settings = EvalSettings(backend=args.eval_backend, model_args=args.model_args,
-                            batch_size=batch, device=args.device, limit=limit)
-    choice = restore_and_choose(config, args.choose_on, settings, push_all=args.push_all)
-    print(choice.table())
-    if choice.restored:
-        print(f"chosen: {choice.chosen.name} ({choice.chosen.model}); {config.out / CHOICE_FILE}")
-    else:
-        print("no k beats the unrestored fine-tune on the dev split: keep the fine-tune "
-              f"(nothing restored is published); {config.out / CHOICE_FILE}")
-    for name, url in choice.pushed.items():
-        print(f"pushed {name}: {url}")
-    return 0
