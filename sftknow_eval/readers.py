@@ -200,10 +200,10 @@ def load_facts(source: Any, *, split: str | None = None, skip_bad: bool = False)
         except (FileNotFoundError, ConnectionError, OSError) as error:
             raise FileNotFoundError(
                 f"{source} is not a local file or folder, nor a loadable Hub dataset ({error}); "
-                f"{_EQ_HINT}"
+                f"{EQ_HINT}"
             ) from error
         return read_dataset(loaded, name=str(source), skip_bad=skip_bad)
-    raise FileNotFoundError(f"no such file, folder or Hub dataset id: {source}; {_EQ_HINT}")
+    raise FileNotFoundError(f"no such file, folder or Hub dataset id: {source}; {EQ_HINT}")
 
 
-_EQ_HINT = "to download EntityQuestions run `sftknow-eval data entity-questions --out DIR`"
+EQ_HINT = "to download EntityQuestions run `sftknow-eval data entity-questions --out DIR`"

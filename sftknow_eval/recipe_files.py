@@ -55,6 +55,17 @@ def find_yaml(name_or_path: str | os.PathLike[str], folder: Path, what: str) -> 
     raise UserError(f"{what} {name_or_path}: no such file (shipped {what}s: {', '.join(shipped)})")
 
 
+def find_accelerate_config(name_or_path: str | os.PathLike[str]) -> Path:
+    """An accelerate config file by path, or a shipped one by name (``fsdp``,
+    ``deepspeed-zero3``); ``recipes/accelerate/fsdp.yaml`` also finds the shipped file from an
+    installed wheel, where no such relative path exists."""
+    path = Path(name_or_path)
+    folder, what = KINDS["accelerate"]
+    if not path.is_file() and path.parent.as_posix() == "recipes/accelerate":
+        return find_yaml(path.name, folder, what)
+    return find_yaml(name_or_path, folder, what)
+
+
 def task_families() -> list[ShippedFile]:
     """The shipped lm-eval task families: each folder of tasks/ that ``tasks write`` made."""
     families = []

@@ -1,4 +1,5 @@
-"""Shared helpers for the probe and select tests: hand-made facts and a scripted fake LM."""
+"""Shared helpers for the probe, select and task tests: hand-made facts, tiny-world facts with
+hand-assigned buckets, and a scripted fake LM."""
 
 from __future__ import annotations
 
@@ -57,3 +58,20 @@ class FakeLM:
 
 class FakeVLLM(FakeLM):
     """Named like lm-eval's vLLM backend, so the sampler adds per-request seeds."""
+
+
+def bucketed_test_facts(counts: dict[str, int], model_key: str = "tiny",
+                        splits: tuple[str, ...] = ("test_in_domain", "test_out_of_domain")) -> list[Fact]:
+    """Real tiny-world test facts with hand-assigned buckets: ``counts[bucket]`` facts per
+    bucket from each of ``splits``."""
+    from sftknow_eval.world.shipped import load_split
+
+    facts: list[Fact] = []
+    for split in splits:
+        pool, index = load_split(split), 0
+        for bucket, count in counts.items():
+            for fact in pool[index:index + count]:
+                fact.mastery[model_key] = {"scheme": "ye2025", "category": bucket}
+                facts.append(fact)
+            index += count
+    return facts

@@ -11,25 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from probe_helpers import bucketed_test_facts
 
 from sftknow_eval.cli import main
-from sftknow_eval.facts import Fact
-from sftknow_eval.world.shipped import load_split
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
-
-
-def _facts(counts: dict[str, int]) -> list[Fact]:
-    """Tiny-world test facts with hand-assigned buckets, ``counts`` per bucket and domain."""
-    facts: list[Fact] = []
-    for split in ("test_in_domain", "test_out_of_domain"):
-        pool, index = load_split(split), 0
-        for bucket, count in counts.items():
-            for fact in pool[index:index + count]:
-                fact.mastery["tiny"] = {"scheme": "ye2025", "category": bucket}
-                facts.append(fact)
-            index += count
-    return facts
 
 
 def _cli_error(err: str) -> str:
@@ -51,7 +37,7 @@ def test_tasks_write_force_replaces_only_the_familys_files(tmp_path: Path, caplo
     from sftknow_eval.lm_tasks.family import write_family
 
     out = tmp_path / "fam"
-    write_family(_facts({"D0": 2, "D2": 2, "D4": 1}), "tiny", "ye2025", BUCKETS, "fam", out)
+    write_family(bucketed_test_facts({"D0": 2, "D2": 2, "D4": 1}), "tiny", "ye2025", BUCKETS, "fam", out)
     (out / "notes.txt").write_text("mine")
     (out / "data" / "extra.csv").write_text("a,b\n")
     (out / "mine").mkdir()
@@ -59,10 +45,11 @@ def test_tasks_write_force_replaces_only_the_familys_files(tmp_path: Path, caplo
     (out / "__pycache__").mkdir()
     (out / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"old")
     with pytest.raises(FileExistsError, match="--force"):
-        write_family(_facts({"D0": 2}), "tiny", "ye2025", BUCKETS, "fam", out)
+        write_family(bucketed_test_facts({"D0": 2}), "tiny", "ye2025", BUCKETS, "fam", out)
 
     with caplog.at_level(logging.INFO, logger="sftknow_eval.lm_tasks.family"):
-        write_family(_facts({"D0": 2, "D4": 1}), "tiny", "ye2025", BUCKETS, "fam", out, force=True)
+        write_family(bucketed_test_facts({"D0": 2, "D4": 1}), "tiny", "ye2025", BUCKETS, "fam", out,
+                     force=True)
     files = _files(out)
     assert (out / "notes.txt").read_text() == "mine"
     assert (out / "mine" / "deep.txt").read_text() == "deep"
@@ -80,10 +67,10 @@ def test_tasks_write_force_without_family_json_uses_the_name_pattern(tmp_path: P
     from sftknow_eval.lm_tasks.family import write_family
 
     out = tmp_path / "fam"
-    write_family(_facts({"D1": 1, "D3": 1}), "tiny", "ye2025", BUCKETS, "fam", out)
+    write_family(bucketed_test_facts({"D1": 1, "D3": 1}), "tiny", "ye2025", BUCKETS, "fam", out)
     (out / "family.json").write_text("{broken")
     (out / "README.txt").write_text("keep me")
-    write_family(_facts({"D1": 1}), "tiny", "ye2025", BUCKETS, "fam", out, force=True)
+    write_family(bucketed_test_facts({"D1": 1}), "tiny", "ye2025", BUCKETS, "fam", out, force=True)
     files = _files(out)
     assert "fam_id_D3.yaml" not in files and "data/id_D3.jsonl" not in files
     assert (out / "README.txt").read_text() == "keep me"

@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from probe_helpers import bucketed_test_facts
 
 from sftknow_eval.errors import UserError
-from sftknow_eval.facts import Fact
 from sftknow_eval.lm_tasks.card_results import merge_results
 from sftknow_eval.lm_tasks.family import write_family
 from sftknow_eval.lm_tasks.results import collect, render
 from sftknow_eval.lm_tasks.scoring import process_results
-from sftknow_eval.world.shipped import load_split, model_path
+from sftknow_eval.world.shipped import model_path
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
 
@@ -29,22 +29,8 @@ def test_scoring_on_hand_made_samples():
     assert process_results({"aliases": ["United States of America"]}, ["USA"])["exact_match"] == 1
 
 
-def _annotated(counts: dict[str, int], domain_split=("test_in_domain", "test_out_of_domain")):
-    """Real tiny-world test facts with hand-assigned buckets: ``counts`` facts per bucket."""
-    facts: list[Fact] = []
-    for split in domain_split:
-        pool = load_split(split)
-        index = 0
-        for bucket, count in counts.items():
-            for fact in pool[index:index + count]:
-                fact.mastery["tiny"] = {"scheme": "ye2025", "category": bucket}
-                facts.append(fact)
-            index += count
-    return facts
-
-
 def test_empty_bucket_is_absent_not_zero(tmp_path):
-    facts = _annotated({"D0": 2, "D2": 3, "D4": 1})
+    facts = bucketed_test_facts({"D0": 2, "D2": 3, "D4": 1})
     summary = write_family(facts, "tiny", "ye2025", BUCKETS, "fam", tmp_path / "fam")
     assert summary["groups"]["fam_id"] == ["D0", "D2", "D4"]
     assert summary["items"]["fam_id"]["D1"] == 0
@@ -58,7 +44,7 @@ def test_empty_bucket_is_absent_not_zero(tmp_path):
 
 
 def test_bad_annotations_are_refused(tmp_path):
-    facts = _annotated({"D0": 2})
+    facts = bucketed_test_facts({"D0": 2})
     facts[1].mastery = {}
     with pytest.raises(UserError, match="no mastery category"):
         write_family(facts, "tiny", "ye2025", BUCKETS, "fam", tmp_path / "x")
@@ -75,7 +61,7 @@ def lm_eval_run(tmp_path_factory):
     """The stock lm_eval CLI, run from an unrelated working directory, on a small family with
     unequal bucket sizes (so the unweighted and the per-item means differ)."""
     root = tmp_path_factory.mktemp("lmeval")
-    facts = _annotated({"D0": 3, "D1": 5, "D3": 9, "D4": 12})
+    facts = bucketed_test_facts({"D0": 3, "D1": 5, "D3": 9, "D4": 12})
     write_family(facts, "tiny", "ye2025", BUCKETS, "famx", root / "tasks" / "famx")
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
@@ -191,7 +177,7 @@ def test_unknown_scheme_is_refused(tmp_path):
     from sftknow_eval.cli import main
     from sftknow_eval.facts import write_jsonl
 
-    facts = _annotated({"D0": 2})
+    facts = bucketed_test_facts({"D0": 2})
     write_jsonl(facts, tmp_path / "ann" / "facts" / "test.jsonl")
     (tmp_path / "ann" / "probe_config.json").write_text(json.dumps({
         "complete": True, "files": {"test": "facts/test.jsonl"}, "facts": len(facts),

@@ -134,3 +134,18 @@ def test_export_refuses_to_clobber(tmp_path: Path) -> None:
     assert "model_name_or_path" in target.read_text()
     with pytest.raises(UserError, match="is a folder"):
         export_recipe("tiny", tmp_path)
+
+
+def test_accelerate_configs_are_found_by_name_or_checkout_path(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from sftknow_eval.recipe_files import find_accelerate_config
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here, as for a wheel install
+    assert find_accelerate_config("fsdp").name == "fsdp.yaml"
+    assert find_accelerate_config("recipes/accelerate/fsdp.yaml") == find_accelerate_config("fsdp")
+    mine = tmp_path / "recipes" / "accelerate" / "fsdp.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("num_processes: 2\n")
+    assert find_accelerate_config("recipes/accelerate/fsdp.yaml") == Path("recipes/accelerate/fsdp.yaml")
+    with pytest.raises(UserError, match="accelerate config nope: no such file"):
+        find_accelerate_config("nope")

@@ -85,3 +85,9 @@ def test_accelerate_configs(name: str) -> None:
     if config["distributed_type"] == "DEEPSPEED":
         assert config["deepspeed_config"]["zero_stage"] == 3
         assert config["deepspeed_config"]["zero3_save_16bit_model"] is True
+
+
+def test_a_bad_value_is_one_line_not_trls_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match=r"tiny\.yaml: num_train_epochs.*invalid float value: 'many'"):
+        load_recipe("tiny", ["num_train_epochs=many"])
+    assert "usage:" not in capsys.readouterr().err

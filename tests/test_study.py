@@ -4,6 +4,7 @@ and caching / resume (stage functions replaced by recorders)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from sftknow_eval.errors import UserError
 from sftknow_eval.study import plan, run_study, spec_from_dict
 from sftknow_eval.study import stages as study_stages
 from sftknow_eval.study.plan import lineages, parse_shard, select_cells, shard_of
-from sftknow_eval.study.spec import STUDY_DIR, load_spec
+from sftknow_eval.study.spec import load_spec
 
 
 def small_spec(**grid: Any) -> dict[str, Any]:
@@ -104,9 +105,18 @@ def test_plan_lists_every_cell_in_dependency_order() -> None:
     assert next(c for c in cells if c.id == "eval/D0-240-s1-top5").deps[-1] == restore.id
 
 
-def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = cli.main(["study", str(STUDY_DIR / "llama3-8b.yaml"), "--dry-run", "--out",
-                     str(tmp_path / "run")])
+EQ_FIXTURE = Path(__file__).parent / "fixtures" / "entity_questions" / "dataset"
+
+
+def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # the spec probes data/entity_questions (what `sftknow-eval data entity-questions` writes)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["study", "llama3-8b", "--dry-run", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "probe.facts: data/entity_questions: no such file or folder" in capsys.readouterr().err
+    shutil.copytree(EQ_FIXTURE, tmp_path / "data" / "entity_questions")
+    code = cli.main(["study", "llama3-8b", "--dry-run", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0
     assert "train/D0-60-s0" in out and "train/D4-1920-s2" in out
@@ -124,7 +134,7 @@ NAMED_INPUTS = {
     "unknown override": ({"train": {"overrides": {"lerning_rate": 1e-4}}},
                          r"train\.overrides: .*unknown recipe key\(s\) lerning_rate"),
     "bad override value": ({"train": {"overrides": {"num_train_epochs": "many"}}},
-                           r"train\.recipe: .*tiny\.yaml: a value does not parse"),
+                           r"train\.recipe: .*tiny\.yaml: num_train_epochs.*invalid float value: .many."),
     "missing model": ({"model": {"path": "/nonexistent/sftknow-base"}},
                       r"model\.path: /nonexistent/sftknow-base: no such folder"),
     "size above pool": ({"grid": {"categories": ["D0", "D4"], "sizes": [60, 200, 400],
@@ -134,11 +144,22 @@ NAMED_INPUTS = {
                         r"model\.key: 'someone-else', but .* holds mastery for 'tiny-world'"),
     "split not annotated": ({"eval": {"splits": ["dev"]}},
                             r"eval\.splits: no facts of split dev"),
+    "missing accelerate config": ({"train": {"launcher": "accelerate",
+                                             "accelerate_config": "no-such-config"}},
+                                  r"train\.accelerate_config: accelerate config no-such-config: "
+                                  r"no such file \(shipped accelerate configs: deepspeed-zero3, fsdp\)"),
+    "missing facts": ({"probe": {"annotated": None, "facts": ["/nonexistent/facts"]}},
+                      r"probe\.facts: /nonexistent/facts: no such file or folder; to download "
+                      r"EntityQuestions run `sftknow-eval data entity-questions"),
+    "facts offline": ({"probe": {"annotated": None, "facts": ["someone/facts"]}},
+                      r"probe\.facts: someone/facts: no such file or folder, and HF_HUB_OFFLINE"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(NAMED_INPUTS))
-def test_dry_run_checks_what_the_spec_names(case: str, tmp_path: Path) -> None:
+def test_dry_run_checks_what_the_spec_names(case: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as in CI: a source that is not local is unreadable
     change, message = NAMED_INPUTS[case]
     data = small_spec()
     for section, values in change.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sftknow_eval.choose_k import add_choose_arguments, run_choose
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.pipeline import DEFAULT_K, RestoreConfig, restore
 from sftknow_eval.weights.regions import REGIONS
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="worker threads that read chunks and run the compiled element "
                              "loops (default 0: one per core, at most 2)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_choose_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         private=not args.public, chunk_elements=args.chunk_elements,
         progress=not args.no_progress, threads=args.threads,
     )
+    if args.choose_on:
+        return run_choose(config, args)
+    if args.push_all:
+        raise UserError("--push-all goes with --choose-on (without it every variant is pushed)")
     result = restore(config)
     for name, folder in result.folders.items():
         state = "already complete" if name in result.skipped else "written"
@@ -83,3 +89,4 @@ def run(args: argparse.Namespace) -> int:
             line += f"\t{result.pushed[name]}"
         print(line)
     return 0
+

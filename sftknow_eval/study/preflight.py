@@ -1,5 +1,6 @@
 """What a study spec names, checked before any cell runs (dry run and real run alike): the base
-model, the SFT recipe with its overrides, the annotations and the pools the grid draws from.
+model, the SFT recipe with its overrides, the accelerate config, the facts to probe, the
+annotations and the pools the grid draws from.
 
 ``spec.validate`` checks the values on their own; this module opens what they point at, without
 loading a model or running anything: a local model's config and safetensors headers, the recipe
@@ -10,11 +11,14 @@ pools are checked when the probe cell has run (by select).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.study.spec import SHIPPED, StudySpec
+
+logger = logging.getLogger(__name__)
 
 
 def check_inputs(spec: StudySpec) -> None:
@@ -22,6 +26,8 @@ def check_inputs(spec: StudySpec) -> None:
     problems: list[str] = []
     base = _check_model(spec, problems)
     _check_recipe(spec, base, problems)
+    _check_launcher(spec, problems)
+    _check_facts(spec, problems)
     _check_annotations(spec, problems)
     _check_push(spec, problems)
     if problems:
@@ -71,6 +77,41 @@ def _check_recipe(spec: StudySpec, base: str | None, problems: list[str]) -> Non
     except UserError as error:
         problems.append(f"train.overrides: {error}" if str(error).startswith("override")
                         else f"train.recipe: {error}")
+
+
+def _check_launcher(spec: StudySpec, problems: list[str]) -> None:
+    """The accelerate config the train cells launch with, by path or shipped name."""
+    from sftknow_eval.recipe_files import find_accelerate_config
+
+    if spec.train.launcher == "accelerate" and spec.train.accelerate_config:
+        try:
+            find_accelerate_config(spec.train.accelerate_config)
+        except UserError as error:
+            problems.append(f"train.accelerate_config: {error}")
+
+
+def _check_facts(spec: StudySpec, problems: list[str]) -> None:
+    """The fact sources the study probes itself: each a local file or folder, or a Hub dataset
+    id (its form only; offline, a source that is not local cannot be read at all)."""
+    from sftknow_eval import hub
+    from sftknow_eval.readers import EQ_HINT
+
+    if spec.probe.annotated is not None:
+        return
+    for source in spec.probe.facts:
+        if source == SHIPPED or Path(source).exists():
+            continue
+        try:
+            hub.validate_repo_id(source, require_namespace=True)
+        except UserError:
+            problems.append(f"probe.facts: {source}: no such file or folder; {EQ_HINT}")
+            continue
+        if hub.is_offline():
+            problems.append(f"probe.facts: {source}: no such file or folder, and HF_HUB_OFFLINE is "
+                            f"set, so it cannot be read as a Hub dataset id either; {EQ_HINT}")
+        else:
+            logger.warning("probe.facts: %s is not a local file or folder; the probe cell will "
+                           "read it as a Hub dataset id", source)
 
 
 def _check_annotations(spec: StudySpec, problems: list[str]) -> None:

@@ -92,7 +92,8 @@ class TrainSection:
     """Fine-tuning: a TRL recipe (``recipes/sft/`` name or path), with overrides.
 
     launcher    ``python`` (in this process) or ``accelerate`` (``accelerate launch`` per cell).
-    accelerate_config  ``--config_file`` for accelerate (e.g. recipes/accelerate/fsdp.yaml).
+    accelerate_config  ``--config_file`` for accelerate: a file, or a shipped config by name
+                (``fsdp``, ``deepspeed-zero3``: recipes/accelerate/).
     The study always overrides ``model_name_or_path`` (the base model) and ``seed``.
     """
 

@@ -140,7 +140,9 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
         # launch`, run through this interpreter so the venv's accelerate is the one used).
         command = [sys.executable, "-m", "accelerate.commands.launch"]
         if train.accelerate_config:
-            command += ["--config_file", train.accelerate_config]
+            from sftknow_eval.recipe_files import find_accelerate_config
+
+            command += ["--config_file", str(find_accelerate_config(train.accelerate_config))]
         command += ["-m", "sftknow_eval.cli", "train", "--recipe", train.recipe, "--data",
                     str(data), "--out", str(out)]
         if push_to:
@@ -160,52 +162,27 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
 
 
 def _task_manager(ctx: Context) -> Any:
-    from lm_eval.tasks import TaskManager
+    from sftknow_eval.lm_tasks.evaluate import task_manager
 
     family = ctx.family_dir()
     if ctx.task_manager is None or ctx.cache.get("family_dir") != family:
         # Indexing lm-eval's task registry takes seconds: once per process, not per model.
-        ctx.task_manager = TaskManager(include_path=str(family))
+        ctx.task_manager = task_manager(family)
         ctx.cache["family_dir"] = family
     return ctx.task_manager
 
 
 def run_eval(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
     """lm-eval on the study's family: in this process (hf) or as an lm_eval process."""
-    from sftknow_eval.lm_tasks.results import read_results
+    from sftknow_eval.lm_tasks.evaluate import EvalSettings, evaluate_family
 
     ev = ctx.spec.eval
     model = ctx.model_dir(cell.name)
-    model_args = ",".join(a for a in (f"pretrained={model}", ev.model_args) if a)
-    if ev.subprocess:
-        command = [sys.executable, "-m", "lm_eval", "--model", ev.backend, "--model_args",
-                   model_args, "--tasks", ev.family, "--include_path", str(ctx.family_dir()),
-                   "--batch_size", str(ev.batch_size), "--output_path", str(staging / "lm_eval")]
-        if ev.device:
-            command += ["--device", ev.device]
-        if ev.limit:
-            command += ["--limit", str(ev.limit)]
-        subprocess.run(command, check=True)
-        found = sorted((staging / "lm_eval").rglob("results_*.json"))
-        if not found:
-            raise UserError(f"lm_eval wrote no results for {cell.id}")
-        os.replace(found[-1], staging / RESULTS_FILE)
-    else:
-        from lm_eval import simple_evaluate
-        from lm_eval.utils import handle_non_serializable
-
-        results = simple_evaluate(model=ev.backend, model_args=model_args, tasks=[ev.family],
-                                  task_manager=_task_manager(ctx), batch_size=ev.batch_size,
-                                  device=ev.device, limit=ev.limit, log_samples=False,
-                                  verbosity="ERROR")
-        results = dict(results or {})
-        results.pop("samples", None)
-        (staging / RESULTS_FILE).write_text(
-            json.dumps(results, indent=2, default=handle_non_serializable) + "\n", "utf-8")
-    scores = [s for s in read_results(staging / RESULTS_FILE) if s.family == ev.family]
-    if not scores:
-        raise UserError(f"{cell.id}: the results hold no {ev.family} scores")
-    score = scores[0]
+    settings = EvalSettings(backend=ev.backend, model_args=ev.model_args, batch_size=ev.batch_size,
+                            device=ev.device, limit=ev.limit, subprocess=ev.subprocess)
+    tasks = None if ev.subprocess else _task_manager(ctx)
+    score = evaluate_family(model, ctx.family_dir(), ev.family, settings,
+                            staging / RESULTS_FILE, tasks=tasks)
     return {"model": str(model), "acc": score.acc, "buckets": score.buckets,
             "items": score.items}
 

@@ -84,6 +84,13 @@ def _check_keys(keys: list[str], where: str) -> None:
         )
 
 
+def _bad_value(recipe_path: Path) -> Any:
+    def refuse(message: str) -> None:
+        raise UserError(f"{recipe_path}: {message.replace('argument --', '')}")
+
+    return refuse
+
+
 def on_gpu() -> bool:
     import torch
 
@@ -129,6 +136,7 @@ def load_recipe(
     env_before = dict(os.environ)
     try:
         parser = TrlParser(_dataclass_types())
+        parser.error = _bad_value(recipe_path)  # not argparse's usage of every TRL flag and exit
         script, sft, model, datasets = parser.parse_args_and_config(
             ["--config", effective], fail_with_unknown_args=True
         )

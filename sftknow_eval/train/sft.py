@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sftknow_eval import hub
 from sftknow_eval.atomic import clean_stale_work, work_folder
 from sftknow_eval.errors import UserError
 from sftknow_eval.lineage import HubOrigin, commit_sha, folder_origin, is_hub_id
+from sftknow_eval.recipe_files import resolve_package_path
 from sftknow_eval.train.recipes import Recipe, load_recipe
 from sftknow_eval.versions import library_versions
 
@@ -45,6 +46,8 @@ class TrainResult:
     seconds: float
     skipped: bool = False
     commit_url: str | None = None
+    restored: dict[str, Path] = field(default_factory=dict)  # variant -> folder (restore_k)
+    restored_pushed: dict[str, str] = field(default_factory=dict)  # variant -> commit URL
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,12 +111,7 @@ def _sha256(path: Path) -> str:
 
 def resolve_base(name: str) -> str:
     """A recipe's model: a Hub id, a local folder, or a path inside the installed package."""
-    if Path(name).expanduser().exists():
-        return name
-    package_root = Path(__file__).resolve().parents[2]
-    if name.startswith("sftknow_eval/") and (package_root / name).exists():
-        return str(package_root / name)
-    return name
+    return resolve_package_path(name)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -278,15 +276,25 @@ def train(
     push_to: str | None = None,
     *,
     overwrite_remote: bool = False,
+    restore_k: list[float] | None = None,
+    restore_region: str = "transformer",
 ) -> TrainResult:
     """Fine-tune the recipe's model on ``data``; write a complete model folder at ``out``.
 
     ``push_to`` (``org/name``) uploads the folder with :func:`sftknow_eval.hub.push_folder`.
+    ``restore_k`` (percentages) also writes the restored variants of the fine-tuned model
+    (its most-changed ``restore_region`` weights reset to the recipe's base model) to
+    ``<out>-restored/top<k>/`` through :class:`.restore_callback.RestoreCallback`,
+    byte-identical to ``sftknow-eval restore`` on the same pair; with ``push_to`` each goes to
+    ``<push_to>-top<k>``.
     """
     started = time.perf_counter()
     if push_to:  # a bad repo id, a missing token or a repo with content fail before any work
         hub.check_push_target(push_to, overwrite=overwrite_remote)
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    restorer = _restorer(loaded, restore_k, restore_region)  # a bad k or region fails now
+    for name in restorer.variant_names() if restorer and push_to else []:
+        hub.check_push_target(f"{push_to}-{name}", overwrite=overwrite_remote)
     data_path, out_path = Path(data), Path(out)
     rows = read_prompt_completion(data_path)
     meta = read_sidecar(data_path)
@@ -306,7 +314,25 @@ def train(
         result.commit_url = hub.push_folder(out_path, push_to, overwrite=overwrite_remote,
                                             commit_message=f"sftknow-eval train: {out_path.name}")
         _record_push(out_path, push_to, result.commit_url)
+    if restorer:  # after the push, so the variants' cards name the fine-tune's Hub repo
+        restored = restorer.restore_folder(out_path, push_to=push_to)
+        result.restored, result.restored_pushed = dict(restored.folders), dict(restored.pushed)
     return result
+
+
+def _restorer(loaded: Recipe, restore_k: list[float] | None, region: str) -> Any:
+    """The RestoreCallback for ``restore_k`` (None without), its base the recipe's model."""
+    if not restore_k:
+        return None
+    from sftknow_eval.train.restore_callback import RestoreCallback
+
+    base = loaded.model.model_name_or_path
+    if not base:
+        raise UserError(f"{loaded.path}: the recipe names no model_name_or_path")
+    base = resolve_base(base)
+    revision = loaded.model.model_revision if hub._local_folder(base) is None else None
+    return RestoreCallback(base=base, k=restore_k, region=region, base_revision=revision,
+                           at_train_end=False)
 
 
 def _record_push(out: Path, repo_id: str, commit_url: str | None) -> None:
