@@ -145,7 +145,7 @@ def test_exact_against_full_sort(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", range(18))
-def test_exact_with_heavy_bins(tmp_path, case):
+def test_exact_with_many_ks_chunks_and_workers(tmp_path, case):
     """Many k's at once, over chunk sizes and worker counts (ties decided in the write pass)."""
     rng = np.random.default_rng(100 + case)
     dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
