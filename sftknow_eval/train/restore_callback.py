@@ -28,12 +28,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore.pipeline import RestoreConfig, RestoreResult, restore, variant_name
+from sftknow_eval.weights.checkpoint import ARCH_KEYS, Checkpoint
 from sftknow_eval.weights.regions import region_pattern
 from sftknow_eval.weights.topk import STRATEGIES, validate_k
 
 RESTORED_SUFFIX = "-restored"
-_ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
 def variants_folder(saved: str | Path) -> Path:
@@ -100,15 +99,18 @@ class RestoreCallback(TrainerCallback):
         folder = hub.resolve_model(self.base, self.base_revision)
         base_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config = model.config.to_dict()
-        for key in _ARCH_KEYS:
-            if key in base_config and key in config and base_config[key] != config[key]:
+        for key in ARCH_KEYS:  # a model built in memory may not name its architectures yet
+            if base_config.get(key) is not None and config.get(key) is not None \
+                    and base_config[key] != config[key]:
                 raise UserError(f"RestoreCallback: the base model {self.base} has {key} "
                                 f"{base_config[key]!r} but the model being trained has "
                                 f"{config[key]!r}: restoration needs the same architecture")
         if hasattr(model, "get_base_model"):  # a PEFT adapter: the config check is what applies
             return
         pattern = region_pattern(self.region)
-        base_shapes = {name: shape for name, shape in _header_shapes(folder).items()
+        base = Checkpoint.open(folder)  # the one weights reader: shard headers, no data read
+        base.close()
+        base_shapes = {name: list(info.shape) for name, info in base.tensors.items()
                        if pattern.search(name)}
         model_shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()
                         if pattern.search(name)}
@@ -152,18 +154,3 @@ class RestoreCallback(TrainerCallback):
             raise UserError("RestoreCallback: pushing restored variants needs hub_model_id as "
                             f"org/name (got {repo!r}); each variant goes to org/name-<variant>")
         return repo
-
-
-def _header_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a model folder's safetensors headers (no data read)."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"RestoreCallback: no safetensors weights in the base model {folder}")
-    shapes: dict[str, list[int]] = {}
-    for file in files:
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():
-                shapes[name] = list(handle.get_slice(name).get_shape())
-    return shapes

@@ -286,14 +286,14 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
             "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
 
 
 def preflight(base: Checkpoint, tuned: Checkpoint) -> None:
     """Same architecture, tensor names, shapes and dtypes; the error names the first mismatch."""
     cb, ct = read_config(base.folder), read_config(tuned.folder)
-    for key in _ARCH_KEYS:
+    for key in ARCH_KEYS:
         if key in cb and key in ct and cb[key] != ct[key]:
             raise UserError(f"architectures differ: config.json {key} is {cb[key]!r} in the base "
                             f"model and {ct[key]!r} in the fine-tuned model")
