@@ -164,6 +164,10 @@ def read_dataset(dataset: Any, *, name: str = "<dataset>", skip_bad: bool = Fals
     return facts
 
 
+# What a missing source's error suggests (the data command writes the readers' layout).
+EQ_HINT = "to download EntityQuestions run `sftknow-eval data entity-questions --out DIR`"
+
+
 def load_facts(source: Any, *, split: str | None = None, skip_bad: bool = False) -> list[Fact]:
     """Load facts from any supported source.
 
@@ -205,5 +209,3 @@ def load_facts(source: Any, *, split: str | None = None, skip_bad: bool = False)
         return read_dataset(loaded, name=str(source), skip_bad=skip_bad)
     raise FileNotFoundError(f"no such file, folder or Hub dataset id: {source}; {EQ_HINT}")
 
-
-EQ_HINT = "to download EntityQuestions run `sftknow-eval data entity-questions --out DIR`"

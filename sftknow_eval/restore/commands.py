@@ -11,7 +11,7 @@ from sftknow_eval.restore.pipeline import DEFAULT_K, RestoreConfig, restore
 from sftknow_eval.weights.regions import REGIONS
 
 
-def _k_list(text: str) -> list[float]:
+def parse_k_list(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tuned", required=True, help="fine-tuned model: Hub id or local folder")
     parser.add_argument("--base-revision", default=None, help="Hub revision of --base")
     parser.add_argument("--tuned-revision", default=None, help="Hub revision of --tuned")
-    parser.add_argument("--k", type=_k_list, default=None,
+    parser.add_argument("--k", type=parse_k_list, default=None,
                         help="percentages, comma-separated (default "
                              f"{','.join(f'{k:g}' for k in DEFAULT_K)})")
     parser.add_argument("--region", default="transformer",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sftknow_eval.restore.commands import _k_list
+from sftknow_eval.restore.commands import parse_k_list
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="push the output to this Hub repo (private; token from HF_TOKEN)")
     parser.add_argument("--overwrite", action="store_true",
                         help="with --push-to: replace the content of an existing Hub repo")
-    parser.add_argument("--restore-k", type=_k_list, metavar="K[,K...]",
+    parser.add_argument("--restore-k", type=parse_k_list, metavar="K[,K...]",
                         help="also write restored variants: the fine-tune with its k%% most-changed "
                         "weights reset to the base model, one per k, in OUT-restored/top<k>/ "
                         "(as `sftknow-eval restore` would; with --push-to, each to ORG/NAME-top<k>)")
