@@ -34,7 +34,22 @@ def test_knowledge_base_shape():
     assert any(len(f.aliases) > 1 for f in facts)  # some objects have aliases
     groups = split_files(facts)
     assert {f.domain for f in groups["train"]} == {"in"}
+    assert {f.domain for f in groups["dev_in_domain"]} == {"in"}
     assert {f.domain for f in groups["test_out_of_domain"]} == {"out"}
+
+
+def test_dev_split_is_in_domain_and_disjoint_from_pool_and_tests():
+    config = WorldConfig(seed=0)
+    groups = split_files(generate_facts(config))
+    dev, pool = groups["dev_in_domain"], groups["train"]
+    tests = groups["test_in_domain"] + groups["test_out_of_domain"]
+    assert len(dev) == config.dev_per_relation * len(IN_DOMAIN)
+    assert {f.relation for f in dev} == set(IN_DOMAIN)
+    for other in (pool, tests):
+        assert not {f.id for f in dev} & {f.id for f in other}
+        assert not {f.subject for f in dev} & {f.subject for f in other}
+        assert not {f.question for f in dev} & {f.question for f in other}
+    assert sum(len(g) for g in groups.values()) == len(generate_facts(config))
 
 
 def test_corpus_states_facts_by_exposure_and_never_in_qa_format():

@@ -56,8 +56,8 @@ class BuildRecipe:
     def quick(cls, seed: int = 0) -> BuildRecipe:
         """A small world for tests: same pipeline, a few facts per relation, a tiny model."""
         return cls(
-            world=WorldConfig(seed=seed, subjects_in_domain=12, subjects_out_of_domain=6,
-                              pool_scale=0.2),
+            world=WorldConfig(seed=seed, subjects_in_domain=14, subjects_out_of_domain=6,
+                              test_per_relation=3, dev_per_relation=2, pool_scale=0.2),
             shape=ModelShape(layers=2, hidden=64, heads=2, intermediate=128, context=64),
             pretraining=PretrainSettings(epochs=3, learning_rate=3e-3, batch_size=16),
             extraction=measure.ExtractionSettings(train_size=20, min_exposure=16, epochs=2,
@@ -71,9 +71,10 @@ class BuildRecipe:
 
 
 def split_files(facts: list[Fact]) -> dict[str, list[Fact]]:
-    """Facts grouped into the world's three files."""
+    """Facts grouped into the world's fact files (shipped.FACT_FILES)."""
     return {
         "train": [f for f in facts if f.split == "train"],
+        "dev_in_domain": [f for f in facts if f.split == "dev"],
         "test_in_domain": [f for f in facts if f.split == "test" and f.domain == "in"],
         "test_out_of_domain": [f for f in facts if f.split == "test" and f.domain == "out"],
     }
@@ -135,7 +136,7 @@ def build_world(
         for name, group in split_files(facts).items():
             write_jsonl(group, staging / FACT_FILES[name])
         manifest = {
-            "format": "sftknow-eval tiny world, version 1",
+            "format": "sftknow-eval tiny world, version 2",
             "seed": recipe.world.seed,
             "recipe": recipe.to_dict(),
             "counts": {name: len(group) for name, group in split_files(facts).items()},

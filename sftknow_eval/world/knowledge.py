@@ -1,5 +1,6 @@
 """The tiny world's knowledge base: invented entities, per-relation object pools, and facts
-with a heavy-tailed corpus exposure count, split into the SFT pool and the two test sets.
+with a heavy-tailed corpus exposure count, split into the SFT pool, an in-domain dev split
+and the two test sets.
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ class WorldConfig:
     """Everything that determines a tiny world's knowledge base (with the seed)."""
 
     seed: int = 0
-    subjects_in_domain: int = 160
+    subjects_in_domain: int = 640
     subjects_out_of_domain: int = 60
-    test_fraction_in_domain: float = 0.25
+    # Per in-domain relation: the first subjects are test facts, the next dev facts, the rest
+    # the SFT pool; out-of-domain relations are test-only.
+    test_per_relation: int = 40
+    dev_per_relation: int = 40
     absent_fraction: float = 0.25
     max_exposure: int = 60
     object_popularity_exponent: float = 0.5
@@ -133,12 +137,14 @@ def generate_facts(config: WorldConfig) -> list[Fact]:
         relation: Relation = RELATIONS[pid]
         count = config.subjects_in_domain if relation.in_domain else config.subjects_out_of_domain
         pool = pools[relation.object_kind]
-        test_count = round(count * config.test_fraction_in_domain) if relation.in_domain else count
+        test_count = config.test_per_relation if relation.in_domain else count
+        dev_count = config.dev_per_relation if relation.in_domain else 0
         subjects = [names.take(rng.choice(SUBJECT_SUFFIXES[relation.subject_kind]))
                     for _ in range(count)]
         for index, subject in enumerate(subjects):
             obj = rng.choices(pool.names, weights=pool.weights)[0]
-            split = "test" if index < test_count else "train"
+            split = ("test" if index < test_count
+                     else "dev" if index < test_count + dev_count else "train")
             facts.append(Fact(
                 id=f"{pid}-{index:04d}",
                 relation=pid,

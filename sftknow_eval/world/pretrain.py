@@ -44,6 +44,9 @@ class PretrainSettings:
     batch_size: int = 32
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
+    # bf16 autocast (weights and optimizer state stay fp32): 1.5x faster on a CPU with
+    # AVX512-BF16, the usual mixed-precision recipe of real pretraining.
+    bf16_autocast: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +112,8 @@ def pretrain(
             if step >= total_steps:
                 break
             batch = blocks[order[start:start + settings.batch_size]]
-            loss = model(input_ids=batch, labels=batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16_autocast):
+                loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -13,6 +13,7 @@ MANIFEST = "world.json"
 MODEL_DIR = "model"
 FACT_FILES = {
     "train": "facts/train.jsonl",
+    "dev_in_domain": "facts/dev_in_domain.jsonl",
     "test_in_domain": "facts/test_in_domain.jsonl",
     "test_out_of_domain": "facts/test_out_of_domain.jsonl",
 }
@@ -37,7 +38,7 @@ def manifest(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def load_split(name: str, path: str | Path | None = None) -> list[Fact]:
-    """One of the world's fact files: train, test_in_domain or test_out_of_domain."""
+    """One of the world's fact files: train, dev_in_domain, test_in_domain or test_out_of_domain."""
     if name not in FACT_FILES:
         raise ValueError(f"unknown split {name!r}; choose from {', '.join(FACT_FILES)}")
     return read_jsonl(world_dir(path) / FACT_FILES[name])
