@@ -1,8 +1,8 @@
 """The study report: reads the finished cells of a run folder and writes ``report/report.md``
 with its PNGs (matplotlib, Agg): accuracy against training size, the training-category x
 test-category table beside the paper's, restoration curves, the concentration curve, KL
-against size, the shapes docs/METHOD.md §7 asks to look for, and what was run (models, grid,
-versions, per-stage times)."""
+against size, the scorecard of the shapes docs/METHOD.md §7 asks to look for (scorecard.py),
+and what was run (models, grid, versions, per-stage times)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sftknow_eval.atomic import atomic_folder  # noqa: E402
 from sftknow_eval.study.plan import BASE, Cell, model_name, restored_name  # noqa: E402
+from sftknow_eval.study.scorecard import render as render_scorecard  # noqa: E402
+from sftknow_eval.study.scorecard import scorecard  # noqa: E402
 from sftknow_eval.study.spec import SHIPPED, StudySpec, largest_size  # noqa: E402
 
 BUCKETS = ("D0", "D1", "D2", "D3", "D4")
@@ -91,7 +93,8 @@ def _size_key(size: int | str) -> float:
 
 def write_report(spec: StudySpec, run_dir: Path, cells: Sequence[Cell], *,
                  invocation_seconds: float | None = None) -> Path:
-    """Write ``<run_dir>/report/`` (report.md + PNGs) from whatever cells are finished."""
+    """Write ``<run_dir>/report/`` (report.md, scorecard.json, PNGs) from whatever cells are
+    finished."""
     records = _records(run_dir, cells)
     scores = _Scores(records)
     grid = spec.grid
@@ -113,7 +116,7 @@ def write_report(spec: StudySpec, run_dir: Path, cells: Sequence[Cell], *,
         lines += _restore_section(spec, scores, folder)
         lines += _updates_section(records, folder)
         lines += _kl_section(spec, records, folder)
-        lines += _shapes(spec, scores, seeds_of, sizes, largest)
+        lines += _shapes(spec, scores, folder)
         lines += _what_was_run(spec, run_dir, records, cells, invocation_seconds)
         (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return run_dir / "report" / "report.md"
@@ -302,65 +305,11 @@ def _kl_section(spec: StudySpec, records: dict[str, dict[str, Any]], folder: Pat
     return lines + [""]
 
 
-def _shapes(spec: StudySpec, scores: _Scores, seeds_of: dict, sizes: list,
-            largest: int | str) -> list[str]:
-    """The shapes docs/METHOD.md §7 asks any reproduction to look for, checked on these numbers."""
-    lines = ["## The paper's shapes, checked", ""]
-    peaks = []
-    for category in spec.grid.categories:
-        accs = [(s, scores.over_seeds(seeds_of[(category, s)], "id")) for s in sizes]
-        accs = [(s, a[0]) for s, a in accs if a is not None]
-        if len(accs) >= 2:
-            best = max(accs, key=lambda sa: sa[1])
-            if best[0] == accs[-1][0]:
-                peaks.append(f"{category}: best at the largest size {best[0]} (no fall)")
-            else:
-                drop = best[1] - accs[-1][1]
-                peaks.append(f"{category}: best at {best[0]}, {100 * drop:.1f} points lower "
-                             f"at {accs[-1][0]}")
-    if peaks:
-        lines.append("- Accuracy peaks at a middle size and falls with more data (paper: near "
-                     "240, -8.9 points for D0 from 240 to 1,920): " + "; ".join(peaks) + ".")
-    trained = [c for c in spec.grid.categories]
-    diagonal = []
-    for test in trained:
-        values = [(c, scores.over_seeds(seeds_of[(c, largest)], "id", test)) for c in trained]
-        values = [(c, v[0]) for c, v in values if v is not None]
-        if values:
-            best = max(values, key=lambda cv: cv[1])[0]
-            diagonal.append(f"{test} test best after {best} training"
-                            f"{' (diagonal)' if best == test else ''}")
-    if len(diagonal) > 1:
-        lines.append("- Each training category helps its own test category most: "
-                     + "; ".join(diagonal) + ".")
-    overall = [(c, scores.over_seeds(seeds_of[(c, largest)], "id")) for c in trained]
-    overall = [(c, v[0]) for c, v in overall if v is not None]
-    if overall:
-        best = max(overall, key=lambda cv: cv[1])[0]
-        lines.append(f"- Mid-mastery data best overall (paper: D2): here {best} at {largest} "
-                     "samples.")
-    restore = spec.restore
-    if restore is not None:
-        gains = []
-        for category in restore.categories or spec.grid.categories:
-            for size in spec.restored_sizes():
-                names = [model_name(category, size, s) for s in (restore.seeds or spec.grid.seeds)]
-                parts = []
-                for domain, label in (("id", "in-domain"), ("ood", "OOD")):
-                    before = scores.over_seeds(names, domain)
-                    after = [(k, scores.over_seeds([restored_name(n, restore.strategy, k)
-                                                    for n in names], domain)) for k in restore.k]
-                    after = [(k, a[0]) for k, a in after if a is not None]
-                    if before and after:
-                        k, best = max(after, key=lambda ka: ka[1])
-                        parts.append(f"{label} {100 * (best - before[0]):+.1f} (k={k:g})")
-                if parts:
-                    gains.append(f"{category}-{size}: " + ", ".join(parts))
-        if gains:
-            lines.append("- Restoring the most-changed 1-20% raises accuracy (paper: most for "
-                         "large, low-mastery sets); best gain in points over the k tried: "
-                         + "; ".join(gains) + ".")
-    return lines + [""]
+def _shapes(spec: StudySpec, scores: _Scores, folder: Path) -> list[str]:
+    """The scorecard of the paper's four shapes (study/scorecard.py), also as scorecard.json."""
+    card = scorecard(spec, scores.value)
+    (folder / "scorecard.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return render_scorecard(card)
 
 
 def _what_was_run(spec: StudySpec, run_dir: Path, records: dict[str, dict[str, Any]],
