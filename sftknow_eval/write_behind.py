@@ -43,8 +43,7 @@ class _Flusher:
     k's took 2.9-3.4 s this way against 3.8-4.1 s (benchmarks/restore)."""
 
     def __init__(self, depth: int = 64 << 20, waiting: int = 256 << 20):
-        self.depth = depth
-        self.waiting = waiting  # bytes handed over and not yet started: writers block beyond it
+        self.depth, self.waiting = depth, waiting  # waiting: bytes not yet started; writers block beyond it
         self._cv = threading.Condition()
         self._todo: deque[tuple[WriteBehind, int, int]] = deque()
         self._todo_bytes = 0
@@ -80,10 +79,8 @@ class _Flusher:
         started_bytes = 0
         while True:
             with self._cv:
-                if not self._todo and not started:
+                while not self._todo and not started:
                     self._cv.wait(timeout=1.0)
-                    if not self._todo:
-                        continue
                 item = self._todo.popleft() if self._todo else None
                 if item is not None:
                     self._todo_bytes -= item[2]
@@ -124,8 +121,7 @@ class WriteBehind:
     closing the file."""
 
     def __init__(self, fd: int, lag: int = 8 << 20):
-        self.fd = fd
-        self.lag = lag
+        self.fd, self.lag = fd, lag
         self._ranges: deque[tuple[int, int]] = deque()
         self._pending = 0
         self._lock = threading.Lock()

@@ -23,11 +23,13 @@ HERE = Path(__file__).resolve().parents[2]
 
 def restore(checkout: Path, args: argparse.Namespace, out: Path) -> dict[str, str]:
     """The sha256 of every safetensors file the checkout's engine writes to ``out``."""
-    argv = [sys.executable, "-m", "sftknow_eval.cli", "restore", "--base", args.base, "--tuned",
-            args.tuned, "--k", args.k, "--strategy", args.strategy, "--out", str(out),
-            "--no-progress", "--chunk-elements", str(args.chunk_elements)]
+    argv = [sys.executable, "-m", "sftknow_eval.cli", "restore", "--base", str(Path(args.base).resolve()),
+            "--tuned", str(Path(args.tuned).resolve()), "--k", args.k, "--strategy", args.strategy,
+            "--out", str(out), "--no-progress", "--chunk-elements", str(args.chunk_elements)]
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    # Run from the checkout: ``-m`` puts the working directory first on sys.path, ahead of both
+    # PYTHONPATH and an editable install's finder, so the checkout's own package is the one imported.
+    subprocess.run(argv, check=True, env=env, cwd=checkout, stdout=subprocess.DEVNULL)
     return {str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(out.glob("*/*.safetensors"))}
 

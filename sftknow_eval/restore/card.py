@@ -7,10 +7,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from sftknow_eval.lineage import HubOrigin, hub_origin
 
 
-def _side(origin: HubOrigin | None) -> dict[str, object]:
-    """A model as card metadata may name it: its Hub id and revision, or nothing (local)."""
-    return {"hub_id": origin.repo_id if origin else None,
-            "revision": origin.revision if origin else None}
+def _origin(model: dict[str, object]) -> HubOrigin | None:
+    return hub_origin(str(model["source"]), str(model["revision"]) if model.get("revision") else None)
 
 
 def _label(model: dict[str, object], origin: HubOrigin | None) -> str:
@@ -33,17 +31,14 @@ def build_card(*, variant: str, base: dict[str, object], tuned: dict[str, object
     ``base_model_relation`` is set: the Hub's values (adapter, merge, quantized, finetune)
     have none for a partial revert to a grandparent, and ``merge`` needs several parents.
     """
-    tuned_origin = hub_origin(str(tuned["source"]), _text(tuned.get("revision")))
-    base_origin = hub_origin(str(base["source"]), _text(base.get("revision")))
+    tuned_origin, base_origin = _origin(tuned), _origin(base)
     restore_fields = {
         "variant": variant,
-        "base": _side(base_origin),
-        "tuned": _side(tuned_origin),
+        **{side: {"hub_id": o.repo_id if o else None, "revision": o.revision if o else None}
+           for side, o in (("base", base_origin), ("tuned", tuned_origin))},
         **settings,
-        "region_elements": summary["region_elements"],
-        "restored_elements": summary["restored_elements"],
-        "threshold_r": summary["threshold_r"],
-        "concentration": summary["concentration"],
+        **{key: summary[key] for key in ("region_elements", "restored_elements", "threshold_r",
+                                         "concentration")},
     }
     data = ModelCardData(
         base_model=tuned_origin.repo_id if tuned_origin else None,
@@ -102,6 +97,3 @@ Restored elements per module:
 Full statistics: `restore_stats.json` and `restore_stats.tsv` in this repository.
 """
 
-
-def _text(value: object) -> str | None:
-    return str(value) if value else None

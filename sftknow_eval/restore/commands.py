@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from sftknow_eval.choose_k import add_choose_arguments, run_choose
@@ -69,14 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.push_to is not None and args.push_to.count("/") != 1:
         raise UserError(f"--push-to {args.push_to!r}: expected ORG/PREFIX")
-    config = RestoreConfig(
-        base=args.base, tuned=args.tuned, out=args.out, k=args.k, region=args.region,
-        strategy=args.strategy, seed=args.seed, layers=args.layers,
-        base_revision=args.base_revision, tuned_revision=args.tuned_revision,
-        allow_pickle=args.allow_pickle, overwrite=args.overwrite, push_to=args.push_to,
-        private=not args.public, chunk_elements=args.chunk_elements,
-        progress=not args.no_progress, threads=args.threads,
-    )
+    same = {f.name: getattr(args, f.name) for f in fields(RestoreConfig) if hasattr(args, f.name)}
+    config = RestoreConfig(**same, private=not args.public, progress=not args.no_progress)
     if args.choose_on:
         return run_choose(config, args)
     if args.push_all:

@@ -1,26 +1,25 @@
-"""The streaming passes of restore, on worker threads: two read-only passes, then the write.
+"""The streaming passes of restore, on worker threads (the selection rule: ``weights.topk``).
 
 1. :func:`scan` reads every floating-point tensor: NaN/Inf checks, per-tensor summed r and the
-   region's key histogram (``weights.topk``, step 1).
+   region's key histogram;
 2. :func:`exact_cuts` reads the region again: exact per-key counts inside the threshold bins
-   only, which give every k's exact cut and how many keys equal to it it takes (step 2).
-3. :func:`write_variants` reads every tensor once more and writes every variant: a region
-   element goes back to its base value for each k with ``key > cut``, or ``key == cut`` while
-   that k's running count of such elements is under its allowance.
+   only, which give every k's exact cut;
+3. :func:`write_variants` reads every tensor once more and writes every variant.
 
 Every pass visits tensors in natural name order (the global element order), in chunks
 (:class:`Piece`) that workers read (positional reads) and run the compiled loops on
 (``weights.kernels``, GIL released); results are taken in order, so outputs and statistics do
 not depend on the workers or their timing. Memory does not grow with the model: per worker one
-chunk's buffers and a 256 KB histogram, in the write pass a fixed pool of :class:`_Slot`.
+:class:`_Slot` with a 256 KB histogram, in the write pass a fixed pool of :class:`_Slot`.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ class Variant:
     stats: VariantStats = field(default_factory=VariantStats)
     folder: Path | None = None
     writer: ShardedWriter | None = None
-    threshold_r: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,39 +59,33 @@ class Piece:
 
 
 @dataclass
-class Selection:
-    """What the caller asks for: the region, its global start per tensor, strategy and seed."""
+class Streams:
+    """What every pass reads, and how: both checkpoints (only the main thread opens files), the
+    region's global start per tensor, strategy and seed, worker threads and chunk size."""
 
-    region: set[str]
+    base: Checkpoint
+    tuned: Checkpoint
     starts: dict[str, int]
-    total: int
     strategy: str
     seed: int
+    workers: int
+    size: int
+    progress: bool
 
     @property
     def key_args(self) -> tuple[int, int]:
         """The kernels' strategy code and seed term."""
         return topk.STRATEGIES.index(self.strategy), topk.random_seed_term(self.seed)
 
-
-def pieces(checkpoint: Checkpoint, order: list[str], selection: Selection, size: int,
-           floats_only: bool) -> list[Piece]:
-    """Every tensor of ``order`` cut into runs of at most ``size`` elements, in order."""
-    out = []
-    for name in order:
-        info = checkpoint.tensors[name]
-        first = selection.starts.get(name) if name in selection.region else None
-        if info.is_float or not floats_only:
-            out += [Piece(name, a, min(info.numel, a + size), None if first is None else first + a)
-                    for a in range(0, info.numel, size)]
-    return out
-
-
-class CheckpointPair:
-    """Both checkpoints; only the main thread opens files (:meth:`ranges`)."""
-
-    def __init__(self, base: Checkpoint, tuned: Checkpoint):
-        self.base, self.tuned = base, tuned
+    def pieces(self, order: list[str], floats_only: bool) -> list[Piece]:
+        """Every tensor of ``order`` cut into runs of at most ``size`` elements, in order."""
+        out, size = [], self.size
+        for name in order:
+            info, first = self.tuned.tensors[name], self.starts.get(name)
+            if info.is_float or not floats_only:
+                out += [Piece(name, a, min(info.numel, a + size), None if first is None else first + a)
+                        for a in range(0, info.numel, size)]
+        return out
 
     def ranges(self, piece: Piece) -> tuple[Piece, RawRange, RawRange]:
         return (piece, self.base.raw_range(piece.name, piece.start, piece.stop),
@@ -108,27 +100,39 @@ class CheckpointPair:
         where = " and ".join(which) if which else "neither (the difference overflows float32)"
         return UserError(f"tensor {name}: NaN or Inf values in the {where} model")
 
+    def pool(self) -> _Pool:
+        return _Pool(self.workers, self.size, self.progress)
+
 
 _FLOATS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
-class _Buffers:
-    """One worker's reusable buffers (fresh ones page-fault) and its table of counts."""
+class _Slot:
+    """A chunk's reused buffers (fresh ones page-fault): raw base and tuned values, float32
+    scratch for other float types; a worker's table of counts in the read passes; in the write
+    pass the candidates (keys reaching the lowest cut: positions, keys, r, raw base values)
+    and their ties at each cut."""
 
     def __init__(self, size: int):
-        self.base, self.tuned = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
+        self.base_bytes, self.tuned_bytes = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
         self.base32, self.tuned32 = np.empty(size, np.float32), np.empty(size, np.float32)
+        self.pos, self.keys = np.empty(size, np.int32), np.empty(size, np.int32)
+        self.r, self.raw_bytes = np.empty(size, np.float32), np.empty(size * 8, np.uint8)
+        self.dtype, self.tuned, self.base = "", np.empty(0), None
         self.table: np.ndarray | None = None
+        self.candidates: tuple[np.ndarray, ...] = ()
+        self.ties: np.ndarray | None = None
 
-    def inputs(self, base: RawRange, tuned: RawRange, base_bytes: np.ndarray | None = None,
-               tuned_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Both chunks (read here unless given) as the kernels take them."""
-        chunks = []
-        for source, data, own, scratch in ((base, base_bytes, self.base, self.base32),
-                                           (tuned, tuned_bytes, self.tuned, self.tuned32)):
-            data = source.read(own) if data is None else data
-            chunks.append(kernels.as_kernel_input(data.view(_FLOATS[source.dtype]), scratch))
-        return chunks[0], chunks[1]
+    def read(self, base: RawRange | None, tuned: RawRange) -> None:
+        """The tuned chunk's raw bits, and the base chunk's unless ``base`` is None."""
+        self.dtype = tuned.dtype  # the base's too (preflight)
+        self.tuned = tuned.read(self.tuned_bytes).view(UNSIGNED[tuned.itemsize])
+        self.base = None if base is None else base.read(self.base_bytes).view(self.tuned.dtype)
+
+    def inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Both chunks read, as the kernels take them."""
+        return (kernels.as_kernel_input(self.base.view(_FLOATS[self.dtype]), self.base32),
+                kernels.as_kernel_input(self.tuned.view(_FLOATS[self.dtype]), self.tuned32))
 
     def zeroed(self, size: int) -> np.ndarray:
         if self.table is None:
@@ -137,44 +141,40 @@ class _Buffers:
 
 
 class _Pool(ThreadPoolExecutor):
-    """Worker threads, each with its own :class:`_Buffers`."""
+    """Worker threads, each with its own :class:`_Slot` in the read passes."""
 
-    def __init__(self, workers: int, size: int):
-        super().__init__(max(1, workers), thread_name_prefix="restore")
-        self.workers, self.size, self.buffers = max(1, workers), size, []
-        self._mine, self._buffers_lock = threading.local(), threading.Lock()
+    def __init__(self, workers: int, size: int, progress: bool):
+        super().__init__(workers, thread_name_prefix="restore")
+        self.workers, self.size, self.progress, self.slots = workers, size, progress, []
+        self._mine, self._lock = threading.local(), threading.Lock()
 
-    def own(self) -> _Buffers:
-        if not hasattr(self._mine, "buffers"):
-            self._mine.buffers = _Buffers(self.size)
-            with self._buffers_lock:
-                self.buffers.append(self._mine.buffers)
-        return self._mine.buffers
+    def own(self) -> _Slot:
+        if not hasattr(self._mine, "slot"):
+            self._mine.slot = _Slot(self.size)
+            with self._lock:
+                self.slots.append(self._mine.slot)
+        return self._mine.slot
 
-    def ordered(self, fn: Callable, items: Iterable, args: Callable) -> Iterator[tuple]:
-        """``(item, fn(*args(item)))`` in order, ``2 * workers`` items ahead; ``args`` runs on
-        the calling thread (it opens files, or waits for a free slot)."""
+    def ordered(self, fn: Callable, items: list, args: Callable, what: str) -> Iterator[tuple]:
+        """``(item, fn(*args(item)))`` in order, ``2 * workers`` items ahead, with a progress
+        bar; ``args`` runs on the calling thread (it opens files, or waits for a free slot)."""
         todo, pending = iter(items), deque()
-        for item in todo:
-            pending.append((item, self.submit(fn, *args(item))))
-            if len(pending) >= 2 * self.workers:
-                break
-        while pending:
-            item, future = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, self.submit(fn, *args(nxt))))
-            yield item, future.result()
+        with tqdm(total=len(items), desc=f"restore: {what}", unit="chunk",
+                  disable=not self.progress) as bar:
+            for item in itertools.islice(todo, 2 * self.workers):
+                pending.append((item, self.submit(fn, *args(item))))
+            while pending:
+                item, future = pending.popleft()
+                for nxt in itertools.islice(todo, 1):
+                    pending.append((nxt, self.submit(fn, *args(nxt))))
+                yield item, future.result()
+                bar.update(1)
 
     def summed_tables(self) -> np.ndarray:
-        return np.sum([b.table for b in self.buffers if b.table is not None], axis=0)
+        return np.sum([s.table for s in self.slots if s.table is not None], axis=0)
 
     def __exit__(self, *exc) -> None:
         self.shutdown(wait=True, cancel_futures=True)
-
-
-def _bar(total: int, what: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=f"restore: {what}", unit="chunk", disable=not progress)
 
 
 @dataclass
@@ -182,73 +182,55 @@ class ScanResult:
     """Per-tensor summed r, whether anything outside the region changed, the key histogram."""
 
     sum_r: dict[str, float]
-    changed_outside: bool = False
-    hist: np.ndarray | None = None
+    changed_outside: bool
+    hist: np.ndarray
 
 
-def scan(pair: CheckpointPair, parts: list[Piece], selection: Selection, workers: int,
-         size: int, progress: bool) -> ScanResult:
+def scan(streams: Streams, parts: list[Piece]) -> ScanResult:
     """Pass 1 over ``parts`` (every floating-point tensor)."""
-    strategy, seed_term = selection.key_args
-    result = ScanResult({name: 0.0 for name in selection.region})
+    strategy, seed_term = streams.key_args
+    sum_r, changed_outside = dict.fromkeys(streams.starts, 0.0), False
 
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> float:
-        buffers = pool.own()
-        b, t = buffers.inputs(base, tuned)
+        slot = pool.own()
+        slot.read(base, tuned)
         if piece.first is None:
-            return kernels.sum_relative_change(b, t)
-        return kernels.histogram(b, t, strategy, piece.first, seed_term,
-                                 buffers.zeroed(topk.NUM_BINS))
+            return kernels.sum_relative_change(*slot.inputs())
+        return kernels.histogram(*slot.inputs(), strategy, piece.first, seed_term,
+                                 slot.zeroed(topk.NUM_BINS))
 
-    with _Pool(workers, size) as pool, _bar(len(parts), "histogram", progress) as bar:
-        for piece, total in pool.ordered(work, parts, pair.ranges):
+    with streams.pool() as pool:
+        for piece, total in pool.ordered(work, parts, streams.ranges, "histogram"):
             if not np.isfinite(total):
-                raise pair.nonfinite_error(piece.name)
+                raise streams.nonfinite_error(piece.name)
             if piece.first is None:
-                result.changed_outside = result.changed_outside or total > 0
+                changed_outside = changed_outside or total > 0
             else:
-                result.sum_r[piece.name] += total  # in order: independent of the workers
-            bar.update(1)
-        result.hist = pool.summed_tables()
-    return result
+                sum_r[piece.name] += total  # in order: independent of the workers
+        return ScanResult(sum_r, changed_outside, pool.summed_tables())
 
 
-def exact_cuts(pair: CheckpointPair, parts: list[Piece], selection: Selection,
-               thresholds: list[topk.Threshold], workers: int, size: int,
-               progress: bool) -> list[topk.Cut]:
+def exact_cuts(streams: Streams, parts: list[Piece], thresholds: list[topk.Threshold]
+               ) -> list[topk.Cut]:
     """The read-only pass: each threshold's exact cut, from per-key counts of its bin."""
-    strategy, seed_term = selection.key_args
+    strategy, seed_term = streams.key_args
     slots, bins = topk.slot_map(thresholds)
     region = [p for p in parts if p.first is not None]
 
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> None:
-        buffers = pool.own()
-        kernels.count_in_bins(*buffers.inputs(base, tuned), strategy, piece.first, seed_term,
-                              slots, buffers.zeroed(len(bins) * topk.FINE))
+        slot = pool.own()
+        slot.read(base, tuned)
+        kernels.count_in_bins(*slot.inputs(), strategy, piece.first, seed_term, slots,
+                              slot.zeroed(len(bins) * topk.FINE))
 
-    with _Pool(workers, size) as pool, _bar(len(region), "exact counts", progress) as bar:
-        for _ in pool.ordered(work, region, pair.ranges):
-            bar.update(1)
+    with streams.pool() as pool:
+        for _ in pool.ordered(work, region, streams.ranges, "exact counts"):
+            pass
         fine = pool.summed_tables().reshape(len(bins), topk.FINE)
     return topk.exact_cuts(thresholds, fine, slots)
 
 
-class _Slot:
-    """A chunk from reading to writing: raw tuned values (patched in place), raw base values,
-    candidates (keys reaching the lowest cut: positions, keys, r, raw base values), ties."""
-
-    def __init__(self, size: int):
-        self.tuned_bytes, self.base_bytes = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
-        self.pos, self.keys = np.empty(size, np.int32), np.empty(size, np.int32)
-        self.r, self.raw_bytes = np.empty(size, np.float32), np.empty(size * 8, np.uint8)
-        self.tuned: np.ndarray | None = None
-        self.base: np.ndarray | None = None
-        self.candidates: tuple[np.ndarray, ...] = ()
-        self.ties: np.ndarray | None = None
-
-
-def write_variants(pair: CheckpointPair, parts: list[Piece], selection: Selection,
-                   variants: list[Variant], workers: int, size: int, progress: bool) -> None:
+def write_variants(streams: Streams, parts: list[Piece], variants: list[Variant]) -> None:
     """The write pass over ``parts`` (every tensor). Workers prepare chunks ahead; the main
     thread takes them in order and decides how many of each cut's ties a chunk takes (the
     one sequential step); then one job per chunk patches it and writes it to every variant.
@@ -257,23 +239,19 @@ def write_variants(pair: CheckpointPair, parts: list[Piece], selection: Selectio
     groups = [v.group for v in variants if v.group is not None]
     cuts = np.array([v.cut.key for v in selecting], dtype=np.int64)
     ties_left = np.array([v.cut.ties for v in selecting], dtype=np.int64)
-    strategy, seed_term = selection.key_args
+    strategy, seed_term = streams.key_args
     free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-    for _ in range(3 * max(1, workers) + 1):  # more than ``ordered`` holds ahead
-        free.put(_Slot(size))
+    for _ in range(3 * streams.workers + 1):  # more than ``ordered`` holds ahead
+        free.put(_Slot(streams.size))
 
     def prepare(piece: Piece, base: RawRange, tuned: RawRange, slot: _Slot) -> _Slot:
-        tuned_bytes = tuned.read(slot.tuned_bytes)
-        slot.tuned, slot.base, slot.candidates = tuned_bytes.view(UNSIGNED[tuned.itemsize]), None, ()
-        if piece.first is None or not (selecting or any(in_layer_group(piece.name, g)
-                                                        for g in groups)):
-            return slot
-        base_bytes = base.read(slot.base_bytes)
-        slot.base = base_bytes.view(UNSIGNED[base.itemsize])
-        if selecting:
-            b, t = pool.own().inputs(base, tuned, base_bytes, tuned_bytes)
+        inside = piece.first is not None and bool(
+            selecting or any(in_layer_group(piece.name, g) for g in groups))
+        slot.read(base if inside else None, tuned)
+        slot.candidates = ()
+        if inside and selecting:
             raw = slot.raw_bytes.view(slot.base.dtype)
-            n = kernels.find_candidates(b, t, slot.base, strategy, piece.first, seed_term,
+            n = kernels.find_candidates(*slot.inputs(), slot.base, strategy, piece.first, seed_term,
                                         cuts.min(), slot.pos, slot.keys, slot.r, raw)
             slot.candidates = (slot.pos[:n], slot.keys[:n], slot.r[:n], raw[:n])
             slot.ties = np.empty(cuts.size, dtype=np.int64)
@@ -292,14 +270,14 @@ def write_variants(pair: CheckpointPair, parts: list[Piece], selection: Selectio
             free.put(slot)
 
     written: deque[tuple[Piece, Future]] = deque()
-    with _Pool(workers, size) as pool, _bar(len(parts), "write", progress) as bar:
-        for piece, slot in pool.ordered(prepare, parts, lambda p: (*pair.ranges(p), free.get())):
+    with streams.pool() as pool:
+        for piece, slot in pool.ordered(prepare, parts, lambda p: (*streams.ranges(p), free.get()),
+                                        "write"):
             takes = np.minimum(ties_left, slot.ties) if slot.candidates else ties_left * 0
             ties_left -= takes
             written.append((piece, pool.submit(write, piece, slot, takes)))
             while written and (written[0][1].done() or len(written) > 4 * pool.workers):
                 _add_stats(*written.popleft(), selecting)
-            bar.update(1)
         while written:
             _add_stats(*written.popleft(), selecting)
     if ties_left.any():

@@ -19,7 +19,7 @@ from sftknow_eval.atomic import atomic_folder
 from sftknow_eval.errors import UserError
 from sftknow_eval.restore import passes
 from sftknow_eval.restore.card import build_card
-from sftknow_eval.restore.passes import Selection, Variant
+from sftknow_eval.restore.passes import Streams, Variant
 from sftknow_eval.restore.stats import TensorStats, VariantStats, write_stats
 from sftknow_eval.versions import library_versions
 from sftknow_eval.weights import regions, topk
@@ -66,15 +66,18 @@ class RestoreResult:
 
 @dataclass
 class _Job:
-    """One run's checked inputs: both models, opened and preflighted, and the selection."""
+    """One run's checked inputs: both models, opened and preflighted (in ``streams``, with the
+    region's tensors in global element order), and the region's element count."""
 
     cfg: RestoreConfig
     base_model: ResolvedModel
     tuned_model: ResolvedModel
-    base: Checkpoint
-    tuned: Checkpoint
-    region: list[str]
-    selection: Selection
+    streams: Streams
+    total: int
+
+    @property
+    def region(self) -> list[str]:
+        return list(self.streams.starts)
 
 
 def variant_name(strategy: str, k: float) -> str:
@@ -99,10 +102,7 @@ def _fingerprint(job: _Job, variant: Variant) -> dict[str, object]:
 
 def restore(cfg: RestoreConfig) -> RestoreResult:
     """Run a restoration end to end (see the module docstring); returns where the variants went.
-
-    The work runs on ``cfg.threads`` worker threads (0: one per core, at most 2; see
-    ``passes``). Restore never imports torch for safetensors checkpoints.
-    """
+    Restore never imports torch for safetensors checkpoints."""
     variants = _check_config(cfg)
     if cfg.push_to:  # every variant's repo id, token and empty repo, before any work
         from sftknow_eval import hub
@@ -118,12 +118,12 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
         if skipped:
             log.info("already complete, skipped: %s", ", ".join(skipped))
         if pending:
-            _check_disk(out, len(pending) * (job.tuned.total_bytes + (1 << 20)))
+            _check_disk(out, len(pending) * (job.streams.tuned.total_bytes + (1 << 20)))
             _run(job, pending, out)
         result = RestoreResult({v.name: out / v.name for v in variants}, skipped, {})
     finally:
-        job.base.close()
-        job.tuned.close()
+        job.streams.base.close()
+        job.streams.tuned.close()
     if cfg.push_to:
         from sftknow_eval import hub  # lazy: only pushing needs the Hub door
 
@@ -169,12 +169,13 @@ def _open(cfg: RestoreConfig) -> _Job:
     for name in region:
         starts[name] = total
         total += tuned.tensors[name].numel
-    selection = Selection(set(region), starts, total, cfg.strategy, cfg.seed)
-    return _Job(cfg, base_model, tuned_model, base, tuned, region, selection)
+    streams = Streams(base, tuned, starts, cfg.strategy, cfg.seed, _workers(cfg.threads),
+                      cfg.chunk_elements, cfg.progress)
+    return _Job(cfg, base_model, tuned_model, streams, total)
 
 
 def _check_variants(job: _Job, variants: list[Variant]) -> None:
-    total, region = job.selection.total, job.region
+    total, region = job.total, job.region
     for v in variants:
         if v.k is not None and topk.count_to_select(total, v.k) == 0:
             raise UserError(f"--k {v.k:g}: {v.k:g}% of the region's {total} elements is less "
@@ -189,14 +190,13 @@ def _pending(job: _Job, variants: list[Variant], out: Path) -> list[Variant]:
     pending = []
     for v in variants:
         final = out / v.name
-        if final.exists():
+        if final.exists() and not job.cfg.overwrite:
             marker = final / CONFIG_FILE
             done = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-            if done == _fingerprint(job, v) and not job.cfg.overwrite:
+            if done == _fingerprint(job, v):
                 continue
-            if not job.cfg.overwrite:
-                raise UserError(f"{final} exists from a different restore run; pass --overwrite "
-                                "or choose another --out")
+            raise UserError(f"{final} exists from a different restore run; pass --overwrite or "
+                            "choose another --out")
         pending.append(v)
     return pending
 
@@ -213,25 +213,22 @@ def _check_disk(out: Path, need: int) -> None:
 
 def _run(job: _Job, variants: list[Variant], out: Path) -> None:
     """The passes (``passes``), then each variant's files and the rename into place."""
-    cfg, tuned, selection = job.cfg, job.tuned, job.selection
+    cfg, streams, tuned = job.cfg, job.streams, job.streams.tuned
     selecting = [v for v in variants if v.k is not None]
-    workers, size = _workers(cfg.threads), cfg.chunk_elements
     # natural name order in every pass: region tensors then come in global element order,
     # which the tie-break (lower global index first) relies on
     order = sorted(tuned.tensors, key=regions.natural_key)
-    pair = passes.CheckpointPair(job.base, tuned)
-    floats = passes.pieces(tuned, order, selection, size, True)
-    scanned = passes.scan(pair, floats, selection, workers, size, cfg.progress)
+    floats = streams.pieces(order, floats_only=True)
+    scanned = passes.scan(streams, floats)
     if sum(scanned.sum_r.values()) == 0:
         what = "identical" if not scanned.changed_outside else "identical inside the region"
         raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
                         f"{what} (region {cfg.region!r}): nothing to restore, no variant written")
     if selecting:
         thresholds = topk.threshold_bins(
-            scanned.hist, [topk.count_to_select(selection.total, v.k) for v in selecting])
-        cuts = passes.exact_cuts(pair, floats, selection, thresholds, workers, size, cfg.progress)
-        for v, cut in zip(selecting, cuts, strict=True):
-            v.cut, v.threshold_r = cut, topk.key_to_r(cut.key, cfg.strategy)
+            scanned.hist, [topk.count_to_select(job.total, v.k) for v in selecting])
+        for v, cut in zip(selecting, passes.exact_cuts(streams, floats, thresholds), strict=True):
+            v.cut = cut
     with contextlib.ExitStack() as folders:  # each renamed into place once all are done
         for v in variants:
             v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
@@ -240,8 +237,7 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
             v.writer = ShardedWriter(v.folder, tuned.output_layout(), tuned.tensors,
                                      tuned.metadata)
         try:
-            passes.write_variants(pair, passes.pieces(tuned, order, selection, size, False),
-                                  selection, variants, workers, size, cfg.progress)
+            passes.write_variants(streams, streams.pieces(order, floats_only=False), variants)
         except BaseException:
             for v in variants:
                 with contextlib.suppress(OSError):  # the first error is the one to report
@@ -268,10 +264,11 @@ def _finish(job: _Job, variants: list[Variant], out: Path) -> None:
     cfg, versions = job.cfg, library_versions()
     config = {k: (str(val) if isinstance(val, Path) else val) for k, val in asdict(cfg).items()}
     for v in variants:
-        v.writer.write_index(job.tuned.sharded_index)
-        copy_aux_files(job.tuned.folder, v.folder)
+        v.writer.write_index(job.streams.tuned.sharded_index)
+        copy_aux_files(job.streams.tuned.folder, v.folder)
         settings = _settings(cfg, v)
-        summary = v.stats.summary(strategy=settings["strategy"], threshold_r=v.threshold_r)
+        threshold_r = topk.key_to_r(v.cut.key, cfg.strategy) if v.cut else None
+        summary = v.stats.summary(strategy=settings["strategy"], threshold_r=threshold_r)
         fingerprint = _fingerprint(job, v)
         run_record = {"fingerprint": fingerprint, "config": config, "command": sys.argv,
                       "versions": versions}
@@ -282,4 +279,4 @@ def _finish(job: _Job, variants: list[Variant], out: Path) -> None:
                    settings=settings, summary=summary).save(v.folder / "README.md")
         (v.folder / CONFIG_FILE).write_text(json.dumps(run_record, indent=2) + "\n")
         log.info("%s: restored %d of %d region elements -> %s", v.name, v.stats.restored,
-                 job.selection.total, out / v.name)
+                 job.total, out / v.name)

@@ -60,8 +60,7 @@ class VariantStats:
                 for name, t in self.tensors.items()]
 
     def summary(self, *, strategy: str, threshold_r: float | None) -> dict[str, object]:
-        total = sum(t.numel for t in self.tensors.values())
-        restored = self.restored
+        total, restored = sum(t.numel for t in self.tensors.values()), self.restored
         sum_r = sum(t.sum_r for t in self.tensors.values())
         share = sum(t.sum_r_restored for t in self.tensors.values()) / sum_r if sum_r > 0 else 0.0
         per_layer: Counter[str] = Counter()
@@ -89,8 +88,6 @@ def write_stats(folder: Path, header: dict[str, object], stats: VariantStats,
     payload = {**header, **summary, "per_tensor": rows}
     (folder / "restore_stats.json").write_text(json.dumps(payload, indent=2) + "\n")
     with open(folder / "restore_stats.tsv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TSV_COLUMNS, delimiter="\t",
-                                lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=TSV_COLUMNS, delimiter="\t", lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row[k] is None else row[k]) for k in TSV_COLUMNS})
+        writer.writerows({k: ("" if row[k] is None else row[k]) for k in TSV_COLUMNS} for row in rows)

@@ -1,10 +1,8 @@
 """Checkpoint reader: resolves a model folder, indexes its shards, hands out tensor data.
 
-A :class:`Checkpoint` knows which tensor lives in which shard and at which byte offset. Streams
-read runs of elements as raw bytes with positional reads (:class:`RawRange`) into buffers they
-own (a cached 4 GB pair: 0.17 s, against 1.1 s of page faults through memory-mapped tensors);
-whole tensors come as memory-mapped torch views (:meth:`Checkpoint.tensor`). :func:`preflight`
-checks that two checkpoints can be compared element by element.
+Streams read runs of elements as raw bytes with positional reads (:class:`RawRange`) into
+buffers they own (a cached 4 GB pair: 0.17 s, against 1.1 s of page faults through mapped
+tensors); whole tensors come as memory-mapped torch views (:meth:`Checkpoint.tensor`).
 """
 
 from __future__ import annotations
@@ -57,10 +55,7 @@ class TensorInfo:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
-
+    itemsize = property(lambda self: DTYPES[self.dtype][0])
     is_float = property(lambda self: self.dtype in FLOAT_DTYPES)
     nbytes = property(lambda self: self.numel * self.itemsize)
 
@@ -177,7 +172,7 @@ class Checkpoint:
                 header, start = _header(folder / file)
             metadata[file] = header.pop("__metadata__", None)
             for name, entry in header.items():
-                if entry["dtype"] not in DTYPE_SIZES:
+                if entry["dtype"] not in DTYPES:
                     raise UserError(f"{folder / file}: tensor {name} has unsupported dtype "
                                     f"{entry['dtype']}")
                 if name in tensors:
@@ -191,7 +186,7 @@ class Checkpoint:
         import torch  # only pickle checkpoints need torch to be read
 
         log.warning("%s: reading pickle checkpoints (--allow-pickle)", folder)
-        names = {v: k for k, v in _torch_dtypes().items()}
+        names = {getattr(torch, torch_name): name for name, (_, torch_name) in DTYPES.items()}
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             state = torch.load(folder / file, map_location="cpu", mmap=True, weights_only=True)
@@ -270,20 +265,13 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(handle.read(length)), 8 + length
 
 
-DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4,
-                               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: safetensors dtype name -> (itemsize, torch dtype name)
+DTYPES = {"BF16": (2, "bfloat16"), "F16": (2, "float16"), "F32": (4, "float32"),
+          "F64": (8, "float64"), "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"),
+          "I8": (1, "int8"), "U8": (1, "uint8"), "BOOL": (1, "bool")}
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 #: A stored element's raw bits, by itemsize (bfloat16 has no numpy dtype).
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    """safetensors dtype name -> torch dtype (imports torch)."""
-    import torch
-
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",

@@ -1,16 +1,11 @@
 """Fused element loops of the streaming top-k passes, compiled with numba.
 
 With torch or numpy every step (cast, subtract, abs, divide, key, bin, count, compare) is a
-sweep of its own over a chunk, about a dozen per element: two thirds of restore's time
-(benchmarks/restore, runs 5-6). No library offers "relative change, key and histogram in one
-sweep", so these loops are compiled here, GIL released so that worker threads run side by side.
-
-They reproduce ``topk`` exactly: r in float32 with the operations and order of
-:func:`topk.relative_change` (no fast-math, so the bits match torch's), keys as in
-torch references in ``tests/test_restore_kernels.py`` (checked bit for bit). Inputs are
-flat arrays of stored values: ``uint16`` holds bfloat16 bits (widened by a shift, as torch's
-cast does), ``uint32`` float32 bits, other floats are cast first (:func:`as_kernel_input`).
-The compiled code is cached beside this file, so only a machine's first run compiles it.
+sweep of its own, about a dozen per element: two thirds of restore's time (benchmarks/restore,
+runs 5-6). These loops do it in one sweep, GIL released so that worker threads run side by side.
+They reproduce ``topk`` bit for bit (no fast-math; ``tests/test_restore_kernels.py``). Inputs
+are flat arrays of stored bits: ``uint16`` bfloat16, ``uint32`` float32; other floats are cast
+first (:func:`as_kernel_input`). Compiled code is cached beside this file.
 """
 
 from __future__ import annotations
@@ -72,38 +67,27 @@ def _random_key(index, seed_term):
 
 
 @njit(inline="always")
-def _key(r, strategy, index, seed_term):
-    """An element's key (see ``topk``): r's bits (top), +inf's bits minus them (bottom), or
-    the seeded hash of its global index (random)."""
-    if strategy == 0:
-        return np.int64(_bits_of_float(r))
-    if strategy == 1:
-        return INF_BITS - np.int64(_bits_of_float(r))
-    return _random_key(index, seed_term)
-
-
-@njit(inline="always")
 def _r_and_keys(base, tuned, start, size, strategy, first, seed_term, r, keys):
-    """r and keys of elements ``start .. start + size - 1`` into ``r`` and ``keys``. The block
-    is sliced first (indexed as ``base[start + j]`` LLVM left the loop scalar, ten times slower)
-    and each strategy has a loop of its own, so that each vectorises."""
+    """r and keys (see ``topk``) of elements ``start .. start + size - 1``. The block is sliced
+    first (indexed as ``base[start + j]`` LLVM left the loop scalar, ten times slower) and each
+    strategy has a loop of its own, so that each vectorises."""
     b = base[start:start + size]
     t = tuned[start:start + size]
     if strategy == 0:
         for j in range(size):
             v = _relative_change(b, t, j)
             r[j] = v
-            keys[j] = _key(v, 0, 0, 0)
+            keys[j] = _bits_of_float(v)
     elif strategy == 1:
         for j in range(size):
             v = _relative_change(b, t, j)
             r[j] = v
-            keys[j] = _key(v, 1, 0, 0)
+            keys[j] = INF_BITS - np.int64(_bits_of_float(v))
     else:
         for j in range(size):
             v = _relative_change(b, t, j)
             r[j] = v
-            keys[j] = _key(v, 2, first + start + j, seed_term)
+            keys[j] = _random_key(first + start + j, seed_term)
 
 
 @njit(inline="always")

@@ -23,22 +23,19 @@ REGIONS: dict[str, str] = {
     "embedding": r"(?:^|\.)(?:embed_tokens\.weight|lm_head\.weight)$",
     "all": r"",
 }
-REGEX_PREFIX = "re:"
 
 
 def region_pattern(region: str) -> re.Pattern[str]:
     """A named region, or ``re:<pattern>`` for a user regex (searched in each tensor name)."""
     if region in REGIONS:
         return re.compile(REGIONS[region])
-    if region.startswith(REGEX_PREFIX):
+    if region.startswith("re:"):
         try:
-            return re.compile(region[len(REGEX_PREFIX):])
+            return re.compile(region.removeprefix("re:"))
         except re.error as error:
             raise UserError(
                 f"--region {region!r}: not a valid regular expression ({error})") from error
-    raise UserError(
-        f"--region {region!r}: use one of {', '.join(REGIONS)} or re:<regex> for your own"
-    )
+    raise UserError(f"--region {region!r}: use one of {', '.join(REGIONS)} or re:<regex> for your own")
 
 
 def layer_of(name: str) -> int | None:
@@ -72,14 +69,12 @@ def parse_layer_groups(spec: str) -> list[tuple[int, int]]:
     """``"0-3,4-7"`` -> [(0, 3), (4, 7)]; a single number is a one-layer group."""
     groups: list[tuple[int, int]] = []
     for part in spec.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
         if not match:
             raise UserError(f"--layers {spec!r}: expected groups like 0-3 or 0-3,4-7")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         if last < first:
-            raise UserError(f"--layers {part!r}: the first layer must not exceed the last")
+            raise UserError(f"--layers {part.strip()!r}: the first layer must not exceed the last")
         groups.append((first, last))
     return groups
 

@@ -34,61 +34,50 @@ class ShardedWriter:
 
     def __init__(self, folder: Path, layout: dict[str, list[str]], infos: dict[str, TensorInfo],
                  metadata: dict[str, dict[str, str] | None]):
-        self.folder = folder
-        self.infos = infos
-        self.layout = layout
-        self._fds: dict[str, int] = {}
-        self._behind: dict[str, WriteBehind] = {}
-        self._where: dict[str, tuple[str, int]] = {}  # tensor -> (file, absolute byte offset)
+        self.folder, self.infos, self.layout = folder, infos, layout
+        self._files: dict[str, tuple[int, WriteBehind]] = {}  # file -> (descriptor, write-behind)
+        self._where: dict[str, tuple[int, WriteBehind, int]] = {}  # tensor -> file, byte offset
         for file, names in layout.items():
-            header: dict[str, object] = {}
-            meta = metadata.get(file)
-            if meta:
-                header["__metadata__"] = meta
-            offset = 0
+            header: dict[str, object] = {"__metadata__": metadata[file]} if metadata.get(file) else {}
+            offsets, end = {}, 0
             for name in names:
                 info = infos[name]
-                header[name] = {"dtype": info.dtype,
-                                "shape": list(info.shape),
-                                "data_offsets": [offset, offset + info.nbytes]}
-                offset += info.nbytes
+                header[name] = {"dtype": info.dtype, "shape": list(info.shape),
+                                "data_offsets": [end, end + info.nbytes]}
+                offsets[name], end = end, end + info.nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
-            start = 8 + len(blob)
-            path = folder / file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            (folder / file).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.write(fd, struct.pack("<Q", len(blob)) + blob)
-            preallocate(fd, start + offset)
-            self._fds[file] = fd
-            self._behind[file] = WriteBehind(fd)
+            preallocate(fd, 8 + len(blob) + end)
+            self._files[file] = (fd, WriteBehind(fd))
             for name in names:
-                self._where[name] = (file, start + header[name]["data_offsets"][0])  # type: ignore[index]
+                self._where[name] = (*self._files[file], 8 + len(blob) + offsets[name])
 
     def write_raw(self, name: str, first_element: int, data: np.ndarray) -> None:
         """Write a contiguous run of the tensor's flat elements starting at ``first_element``,
         given as their raw bits (unsigned ints of the tensor's itemsize)."""
-        file, base = self._where[name]
+        fd, behind, base = self._where[name]
         start = offset = base + first_element * data.itemsize
         view = memoryview(data).cast("B")
         while view:
-            written = os.pwrite(self._fds[file], view, offset)
+            written = os.pwrite(fd, view, offset)
             view, offset = view[written:], offset + written
-        self._behind[file].wrote(start, offset - start)
+        behind.wrote(start, offset - start)
 
     def close(self) -> None:
         """Close every file, once its background writes are done (they use the descriptor);
         raises the first write error met, after closing them all."""
         error: OSError | None = None
-        for file, fd in self._fds.items():  # no fsync: atomicity comes from the folder rename
+        for fd, behind in self._files.values():  # no fsync: atomicity comes from the folder rename
             try:
-                self._behind[file].close()
+                behind.close()
             except OSError as failed:
                 error = error or failed
             finally:
                 os.close(fd)
-        self._fds.clear()
-        self._behind.clear()
+        self._files.clear()
         if error is not None:
             raise error
 
@@ -97,18 +86,14 @@ class ShardedWriter:
         if source_index is None and len(self.layout) == 1:
             return
         weight_map = {name: file for file, names in self.layout.items() for name in names}
-        total = sum(self.infos[n].nbytes for n in weight_map)
-        metadata = dict((source_index or {}).get("metadata") or {})
-        metadata["total_size"] = total
+        metadata = {**((source_index or {}).get("metadata") or {}),
+                    "total_size": sum(self.infos[n].nbytes for n in weight_map)}
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_aux_files(source: Path, target: Path) -> list[str]:
-    """Copy config, tokenizer and generation config files; returns the names copied."""
-    copied = []
+def copy_aux_files(source: Path, target: Path) -> None:
+    """Copy config, tokenizer and generation config files."""
     for path in sorted(source.iterdir()):
         if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in AUX_PATTERNS):
             shutil.copy2(path, target / path.name)
-            copied.append(path.name)
-    return copied
