@@ -3,7 +3,8 @@
 
 The paper picks k by looking at test accuracy; here the choice sees only dev facts, which must
 not overlap the fine-tune's training set. ``pick`` is the rule (highest macro Acc, ties to the
-smaller k), ``restore_and_choose`` the whole run: ``choice.json`` with every candidate's
+smaller k), ``score_and_pick`` scores candidates already on disk (the study's choose cells use
+it), ``restore_and_choose`` the whole run: ``choice.json`` with every candidate's
 per-bucket dev scores, a card section on the chosen variant, and pushes (the chosen variant, or
 every one with ``push_all``; nothing restored when no k beats k = 0).
 """
@@ -193,30 +194,40 @@ def restore_and_choose(config: RestoreConfig, choose_on: str | os.PathLike[str],
                                   overwrite=config.overwrite)
     result = restore(replace(config, push_to=None, k=ks))
 
-    tasks = None if settings.subprocess else task_manager(family_dir)
-    evals = out / "dev_eval"
     tuned = hub.resolve_model(config.tuned, config.tuned_revision)
-    candidates = [_score(UNRESTORED, 0.0, tuned, family_dir, family, settings,
-                         evals / f"{UNRESTORED}.json", tasks)]
+    models: list[tuple[str, float, str | Path]] = [(UNRESTORED, 0.0, tuned)]
     for k in ks:
         name = variant_name(config.strategy, k)
-        candidates.append(_score(name, k, result.folders[name], family_dir, family, settings,
-                                 evals / f"{name}.json", tasks))
-    domain = "id" if any(c.acc_by_domain.get("id") is not None for c in candidates) else "ood"
-    for candidate in candidates:
-        candidate.acc = candidate.acc_by_domain.get(domain)
-    choice = Choice(chosen=pick(candidates), candidates=candidates, domain=domain, family=family,
-                    family_dir=str(family_dir))
-    _write_choice(out / CHOICE_FILE, choice)
+        models.append((name, k, result.folders[name]))
+    choice = score_and_pick(models, family_dir, family, settings, out / "dev_eval")
+    write_choice(out / CHOICE_FILE, choice)
     if choice.restored:
         _card_choice(Path(result.folders[choice.chosen.name]), choice)
     choice.pushed = _push(config, result.folders, choice, push_all)
     if choice.pushed:
-        _write_choice(out / CHOICE_FILE, choice)
+        write_choice(out / CHOICE_FILE, choice)
     return choice
 
 
-def _write_choice(path: Path, choice: Choice) -> None:
+def score_and_pick(models: Sequence[tuple[str, float, str | Path]], family_dir: Path, family: str,
+                   settings: EvalSettings, evals: Path, *, tasks: Any = None) -> Choice:
+    """Score each ``(name, k, model)`` candidate (k = 0: the unrestored fine-tune) on the dev
+    family with lm-eval (lm-eval's results JSON per candidate in ``evals/<name>.json``) and pick
+    by :data:`RULE` on the in-domain macro Acc (out-of-domain when the family has no in-domain
+    bucket). ``tasks``: a task manager of ``family_dir`` to reuse."""
+    if tasks is None and not settings.subprocess:
+        tasks = task_manager(family_dir)
+    candidates = [_score(name, k, model, family_dir, family, settings, evals / f"{name}.json", tasks)
+                  for name, k, model in models]
+    domain = "id" if any(c.acc_by_domain.get("id") is not None for c in candidates) else "ood"
+    for candidate in candidates:
+        candidate.acc = candidate.acc_by_domain.get(domain)
+    return Choice(chosen=pick(candidates), candidates=candidates, domain=domain, family=family,
+                  family_dir=str(family_dir))
+
+
+def write_choice(path: Path, choice: Choice) -> None:
+    """``choice.json`` (written whole or not at all)."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(choice.to_json(), indent=2, allow_nan=False) + "\n",
                        encoding="utf-8")

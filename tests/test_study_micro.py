@@ -1,6 +1,6 @@
 """A micro-study end to end on a quick tiny world: the study probes it itself, selects, trains,
-evaluates with lm-eval, computes KL and update statistics, restores one k, evaluates again and
-writes the report; a rerun does nothing."""
+evaluates with lm-eval, computes KL and update statistics, restores one k, evaluates again,
+chooses k on the dev split and writes the report; a rerun does nothing."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
         "train": {"recipe": "tiny", "overrides": {"num_train_epochs": 1}},
         "eval": {"family": "sftknow_micro", "limit": 6, "model_args": "dtype=float32"},
         "kl": {"category": "D0"},
-        "restore": {"k": [5]},
+        "restore": {"k": [5], "choose_on": "dev"},
     }, "micro")
     result = run_study(spec, tmp_path, progress=False)
     assert result.ok, result.errors
@@ -54,8 +54,11 @@ def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
     updates = json.loads((tmp_path / "updates" / "D0-16-s0" / "cell.json").read_text())["outputs"]
     assert 0 < updates["concentration"]["1"] <= 1
 
+    _check_choice(tmp_path)
+
     report = (tmp_path / "report" / "report.md").read_text()
-    for heading in ("Accuracy per test category", "Paper (LLaMA-3-8B", "Accuracy against training",
+    for heading in ("Restored, k chosen on dev", "Accuracy per test category", "Paper (LLaMA-3-8B",
+                    "Accuracy against training",
                     "Restoring the most-changed", "Where the updates are", "KL against training",
                     "What was run", "| train |"):
         assert heading in report
@@ -64,6 +67,40 @@ def test_micro_study_end_to_end(quick_world: Path, tmp_path: Path) -> None:
 
     again = run_study(spec, tmp_path, progress=False)
     assert again.ran() == ["report/report"]
+
+
+def _check_choice(run: Path) -> None:
+    """The choose cell scored the fine-tune and its variant on dev facts only, with lm-eval,
+    and chose by choose_k's rule; the report's row holds the chosen model's test scores."""
+    from sftknow_eval.choose_k import Candidate, pick
+
+    dev = json.loads((run / "tasks" / "sftknow_micro_dev" / "cell.json").read_text())["outputs"]
+    assert dev["splits"] == ["dev"] and sum(dev["items"]["sftknow_micro_dev_id"].values()) == 20
+    choice = json.loads((run / "choose" / "D0-16-s0" / "choice.json").read_text())
+    assert [c["name"] for c in choice["candidates"]] == ["tuned", "top5"]
+    assert choice["family"] == "sftknow_micro_dev" and choice["domain"] == "id"
+    candidates = [Candidate(**c) for c in choice["candidates"]]
+    assert choice["chosen"] == pick(candidates).name and choice["rule"].startswith("highest macro")
+    dev_ids = {json.loads(line)["id"] for line in
+               (run / "probe" / "annotations" / "annotated" / "facts" / "dev.jsonl").open()}
+    test_ids = {json.loads(line)["id"] for line in
+                (run / "probe" / "annotations" / "annotated" / "facts" / "test.jsonl").open()}
+    for name in ("tuned", "top5"):  # lm-eval's results JSON per candidate, dev facts only
+        results = json.loads((run / "choose" / "D0-16-s0" / "dev_eval" / f"{name}.json").read_text())
+        assert set(results["results"]) >= {"sftknow_micro_dev", "sftknow_micro_dev_id"}
+        assert not any(task.startswith("sftknow_micro_id") for task in results["results"])
+    scored = set()
+    for data in (run / "tasks" / "sftknow_micro_dev" / "family" / "data").glob("*.jsonl"):
+        scored |= {json.loads(line)["id"] for line in data.open()}
+    assert scored == dev_ids and not scored & test_ids
+    record = json.loads((run / "choose" / "D0-16-s0" / "cell.json").read_text())["outputs"]
+    chosen = record["chosen_model"]
+    assert chosen == ("D0-16-s0" if record["chosen_k"] == 0 else "D0-16-s0-top5")
+    test_acc = json.loads((run / "eval" / chosen / "cell.json").read_text())["outputs"]["acc"]
+    row = next(line for line in (run / "report" / "report.md").read_text().splitlines()
+               if line.startswith(f"| D0 | 16 | s0: {record['chosen_k']:g} |"))
+    columns = [cell.strip() for cell in row.split("|")]  # ... unrestored, chosen, change
+    assert columns[6] == f"{100 * test_acc['id']:.1f} / {100 * test_acc['ood']:.1f}"
 
 
 def test_eval_through_an_lm_eval_process(quick_world: Path, tmp_path: Path) -> None:

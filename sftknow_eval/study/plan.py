@@ -6,6 +6,7 @@ a restored one ``<model>-<strategy><k>``)::
 
     probe/annotations        mastery annotations (probe run, or an existing annotated folder)
     tasks/<family>           the lm-eval task family written from the annotations
+    tasks/<family>_dev       the family of the split k is chosen on (restore.choose_on)
     eval/base                the base model on the family
     select/<model>           the SFT set            (per category x size x seed)
     train/<model>            the fine-tuned model
@@ -14,6 +15,8 @@ a restored one ``<model>-<strategy><k>``)::
     updates/<model>          relative-change statistics (models being restored)
     restore/<model>          restored models, every k of the spec in one run (where it asks)
     eval/<model>-top<k>      each restored model's accuracy
+    choose/<model>           k chosen on dev: the model and each restored one scored on the
+                             choose_on family, choice.json (restore.choose_on)
     report/report            Markdown + PNG (always rewritten)
 
 A cell's hash covers its own config and its dependencies' hashes, so a changed setting reruns
@@ -60,6 +63,13 @@ def model_name(category: str, size: int | str, seed: int) -> str:
 
 def restored_name(model: str, strategy: str, k: float) -> str:
     return f"{model}-{strategy}{k:g}"
+
+
+def choose_family(spec: StudySpec) -> str | None:
+    """The task family of the split k is chosen on (``<family>_<split>``), or None."""
+    if spec.restore is None or spec.restore.choose_on is None:
+        return None
+    return f"{spec.eval.family}_{spec.restore.choose_on}"
 
 
 def _file_digest(path: Path) -> str | None:
@@ -116,6 +126,11 @@ def plan(spec: StudySpec) -> list[Cell]:
     eval_config = {"backend": spec.eval.backend, "model_args": spec.eval.model_args,
                    "limit": spec.eval.limit}
     tasks_id = f"tasks/{family}"
+    dev_family = choose_family(spec)
+    if dev_family is not None:
+        cells.append(Cell("tasks", dev_family, {"family": dev_family,
+                                                "splits": [spec.restore.choose_on]},
+                          ["probe/annotations"]))
     cells.append(Cell("eval", BASE, {**eval_config, "model": base}, [tasks_id], BASE))
 
     grid, train = spec.grid, spec.train
@@ -152,6 +167,11 @@ def plan(spec: StudySpec) -> list[Cell]:
                 for k in restore.k:
                     cells.append(Cell("eval", restored_name(m, restore.strategy, k), eval_config,
                                       [tasks_id, restored.id], m))
+                if dev_family is not None:  # scores k = 0 and every variant: no test data
+                    cells.append(Cell("choose", m, {**eval_config, "family": dev_family,
+                                                    "k": list(restore.k),
+                                                    "strategy": restore.strategy},
+                                      [f"tasks/{dev_family}", trained.id, restored.id], m))
     cells.append(Cell("report", "report", {}, [c.id for c in cells], REPORT))
     _hash(cells)
     return cells

@@ -1,6 +1,6 @@
 """What a study spec names, checked before any cell runs (dry run and real run alike): the base
 model, the SFT recipe with its overrides, the accelerate config, the facts to probe, the
-annotations and the pools the grid draws from.
+annotations, the pools the grid draws from and the dev split k is chosen on.
 
 ``spec.validate`` checks the values on their own; this module opens what they point at, without
 loading a model or running anything: a local model's config and safetensors headers, the recipe
@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from sftknow_eval.errors import UserError
+from sftknow_eval.facts import Fact
 from sftknow_eval.study.spec import SHIPPED, StudySpec
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,33 @@ def _check_annotations(spec: StudySpec, problems: list[str]) -> None:
     if spec.kl.enabled and not any(f.split == "test" and f.category(key) == spec.kl.category
                                    for f in facts):
         problems.append(f"kl.category: no test facts in category {spec.kl.category} in {folder}")
+    _check_choose_split(spec, facts, folder, problems)
+
+
+def _check_choose_split(spec: StudySpec, facts: list[Fact], folder: Path, problems: list[str]) -> None:
+    """The split k is chosen on (restore.choose_on): present in the annotations, and sharing no
+    fact (by id, or by relation and subject) with the pool the SFT sets are drawn from."""
+    from sftknow_eval.select.sets import training_pool
+
+    split = spec.restore.choose_on if spec.restore else None
+    if split is None:
+        return
+    dev = [fact for fact in facts if fact.split == split]
+    if not dev:
+        found = ", ".join(sorted({fact.split for fact in facts}))
+        problems.append(f"restore.choose_on: no facts of split {split} in {folder} (splits: "
+                        f"{found}); probe the dev facts with the others, or set "
+                        "restore.choose_on: null")
+        return
+    pool = training_pool(facts, spec.grid.split)
+    ids = {fact.id for fact in pool}
+    keys = {(fact.relation, fact.subject) for fact in pool}
+    shared = sorted(fact.id for fact in dev if fact.id in ids or (fact.relation, fact.subject) in keys)
+    if shared:
+        shown = ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else "")
+        problems.append(f"restore.choose_on: {len(shared)} {split} fact(s) of {folder} are also in "
+                        f"the {spec.grid.split!r} pool SFT sets are drawn from ({shown}); k must "
+                        "be chosen on facts no fine-tune can have seen")
 
 
 def _check_push(spec: StudySpec, problems: list[str]) -> None:

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sftknow_eval.atomic import atomic_folder  # noqa: E402
+from sftknow_eval.study.choice_report import chosen_section  # noqa: E402
 from sftknow_eval.study.plan import BASE, Cell, model_name, restored_name  # noqa: E402
 from sftknow_eval.study.scorecard import render as render_scorecard  # noqa: E402
 from sftknow_eval.study.scorecard import scorecard  # noqa: E402
@@ -114,6 +115,7 @@ def write_report(spec: StudySpec, run_dir: Path, cells: Sequence[Cell], *,
         lines += _main_table(spec, scores, seeds_of, largest)
         lines += _size_section(spec, scores, seeds_of, sizes, folder)
         lines += _restore_section(spec, scores, folder)
+        lines += chosen_section(spec, records, scores.value)
         lines += _updates_section(records, folder)
         lines += _kl_section(spec, records, folder)
         lines += _shapes(spec, scores, folder)
@@ -346,7 +348,8 @@ def _what_was_run(spec: StudySpec, run_dir: Path, records: dict[str, dict[str, A
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
              "Compute time per stage (sum over cells, seconds, as measured when each cell ran):",
              "", "| stage | cells | seconds |", "|---|---|---|"]
-    for stage in ("probe", "tasks", "select", "train", "eval", "kl", "updates", "restore"):
+    for stage in ("probe", "tasks", "select", "train", "eval", "kl", "updates", "restore",
+                  "choose"):
         if per_stage.get(stage):
             lines.append(f"| {stage} | {len(per_stage[stage])} | {sum(per_stage[stage]):.1f} |")
     total = sum(sum(v) for v in per_stage.values())

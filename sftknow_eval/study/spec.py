@@ -146,6 +146,10 @@ class RestoreSection:
     categories  the training categories whose models are restored (default: all of the grid).
     seeds       the seeds whose models are restored (default: all).
     region, strategy  as in ``sftknow-eval restore``.
+    choose_on   an annotated split (``dev``) to choose k on, per restored model: the fine-tune
+                (k = 0) and every k variant scored on it per bucket with the eval settings, the
+                highest macro Acc kept (ties to the smaller k, as ``restore --choose-on``);
+                null (default): no choice. Never a split the study evaluates or trains on.
     """
 
     k: list[float] = field(default_factory=lambda: [1.0, 5.0, 20.0])
@@ -154,6 +158,7 @@ class RestoreSection:
     seeds: list[int] | None = None
     region: str = "transformer"
     strategy: str = "top"
+    choose_on: str | None = None
 
 
 @dataclass
@@ -396,3 +401,22 @@ def validate(spec: StudySpec) -> None:
         if restore.strategy not in STRATEGIES:
             raise UserError(f"restore.strategy: {restore.strategy!r} is not one of "
                             f"{', '.join(STRATEGIES)}")
+        _validate_choose_on(spec)
+
+
+def _validate_choose_on(spec: StudySpec) -> None:
+    """The split k is chosen on: a plain name, neither evaluated (test data never chooses)
+    nor the training pool's."""
+    split = spec.restore.choose_on if spec.restore else None
+    if split is None:
+        return
+    if not split.replace("_", "").isalnum():
+        raise UserError(f"restore.choose_on: {split!r} must be a split name (letters, digits, "
+                        "'_'), e.g. dev")
+    if split in spec.eval.splits:
+        raise UserError(f"restore.choose_on: {split!r} is one of eval.splits "
+                        f"({', '.join(spec.eval.splits)}): k is chosen on held-out dev facts, "
+                        "never on the split it is reported on; use dev")
+    if split == spec.grid.split:
+        raise UserError(f"restore.choose_on: {split!r} is the split SFT sets are drawn from "
+                        "(grid.split); use dev")

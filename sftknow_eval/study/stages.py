@@ -31,7 +31,6 @@ class Context:
 
     spec: StudySpec
     run_dir: Path
-    task_manager: Any = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     def cell_dir(self, cell_id: str) -> Path:
@@ -48,8 +47,9 @@ class Context:
         return Path(json.loads((self.cell_dir("probe/annotations") / "cell.json")
                                .read_text(encoding="utf-8"))["outputs"]["annotated"])
 
-    def family_dir(self) -> Path:
-        return self.cell_dir(f"tasks/{self.spec.eval.family}") / "family"
+    def family_dir(self, family: str | None = None) -> Path:
+        """The folder of a task family the study wrote (default: the eval family)."""
+        return self.cell_dir(f"tasks/{family or self.spec.eval.family}") / "family"
 
     def model_dir(self, name: str) -> Path:
         """The model folder of a cell name: the base, a fine-tuned or a restored model."""
@@ -112,9 +112,15 @@ def run_tasks(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
     from sftknow_eval.probe.categories import CATEGORIES
 
     facts, model_key, scheme = load_annotated(ctx.annotated())
-    summary = write_family(facts, model_key, scheme, CATEGORIES[scheme], ctx.spec.eval.family,
-                           staging / "family", splits=tuple(ctx.spec.eval.splits))
-    return {"family": ctx.spec.eval.family, "items": summary["items"]}
+    family, splits = cell.config["family"], tuple(cell.config["splits"])
+    if family != ctx.spec.eval.family and not any(f.split in splits for f in facts):
+        found = ", ".join(sorted({f.split for f in facts}))
+        raise UserError(f"restore.choose_on: the annotations hold no facts of split "
+                        f"{', '.join(splits)} to choose k on (splits: {found}); probe the dev "
+                        "facts too, or set restore.choose_on: null")
+    summary = write_family(facts, model_key, scheme, CATEGORIES[scheme], family,
+                           staging / "family", splits=splits)
+    return {"family": family, "splits": list(splits), "items": summary["items"]}
 
 
 def run_select(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
@@ -161,26 +167,35 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
             "rows": sum(1 for _ in data.open(encoding="utf-8"))}
 
 
-def _task_manager(ctx: Context) -> Any:
+def _task_manager(ctx: Context, family_dir: Path) -> Any:
+    """lm-eval's task index of one family folder, None for lm_eval processes. Indexing takes
+    seconds: once per folder and process, not per model."""
     from sftknow_eval.lm_tasks.evaluate import task_manager
 
-    family = ctx.family_dir()
-    if ctx.task_manager is None or ctx.cache.get("family_dir") != family:
-        # Indexing lm-eval's task registry takes seconds: once per process, not per model.
-        ctx.task_manager = task_manager(family)
-        ctx.cache["family_dir"] = family
-    return ctx.task_manager
+    if ctx.spec.eval.subprocess:
+        return None
+    managers = ctx.cache.setdefault("task_managers", {})
+    if family_dir not in managers:
+        managers[family_dir] = task_manager(family_dir)
+    return managers[family_dir]
+
+
+def _eval_settings(ctx: Context) -> Any:
+    from sftknow_eval.lm_tasks.evaluate import EvalSettings
+
+    ev = ctx.spec.eval
+    return EvalSettings(backend=ev.backend, model_args=ev.model_args, batch_size=ev.batch_size,
+                        device=ev.device, limit=ev.limit, subprocess=ev.subprocess)
 
 
 def run_eval(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
     """lm-eval on the study's family: in this process (hf) or as an lm_eval process."""
-    from sftknow_eval.lm_tasks.evaluate import EvalSettings, evaluate_family
+    from sftknow_eval.lm_tasks.evaluate import evaluate_family
 
     ev = ctx.spec.eval
     model = ctx.model_dir(cell.name)
-    settings = EvalSettings(backend=ev.backend, model_args=ev.model_args, batch_size=ev.batch_size,
-                            device=ev.device, limit=ev.limit, subprocess=ev.subprocess)
-    tasks = None if ev.subprocess else _task_manager(ctx)
+    settings = _eval_settings(ctx)
+    tasks = _task_manager(ctx, ctx.family_dir())
     score = evaluate_family(model, ctx.family_dir(), ev.family, settings,
                             staging / RESULTS_FILE, tasks=tasks)
     return {"model": str(model), "acc": score.acc, "buckets": score.buckets,
@@ -222,5 +237,32 @@ def run_restore(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
     return {"tuned": cell.name, "k": c["k"], "models": models, "pushed": result.pushed}
 
 
+def run_choose(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
+    """k chosen on dev for one fine-tuned model: it (k = 0) and the variants its restore cell
+    wrote, scored on the choose_on family with the eval settings, picked by choose_k's rule;
+    ``choice.json`` as ``restore --choose-on`` writes it. No test data is read."""
+    from sftknow_eval.choose_k import CHOICE_FILE, UNRESTORED, refuse_overlap, score_and_pick, write_choice
+    from sftknow_eval.restore.pipeline import variant_name
+
+    c = cell.config
+    family_dir = ctx.family_dir(c["family"])
+    tuned = ctx.model_dir(cell.name)
+    refuse_overlap(family_dir, str(tuned))
+    models: list[tuple[str, float, str | Path]] = [(UNRESTORED, 0.0, tuned)]
+    for k in sorted(c["k"]):
+        models.append((variant_name(c["strategy"], k),
+                       k, ctx.model_dir(restored_name(cell.name, c["strategy"], k))))
+    choice = score_and_pick(models, family_dir, c["family"], _eval_settings(ctx),
+                            staging / "dev_eval", tasks=_task_manager(ctx, family_dir))
+    write_choice(staging / CHOICE_FILE, choice)
+    chosen = (restored_name(cell.name, c["strategy"], choice.chosen.k) if choice.restored
+              else cell.name)
+    return {"tuned": cell.name, "chosen": choice.chosen.name, "chosen_k": choice.chosen.k,
+            "chosen_model": chosen, "restored": choice.restored, "domain": choice.domain,
+            "dev_acc": {cand.name: cand.acc for cand in choice.candidates},
+            "choice": str(ctx.cell_dir(cell.id) / CHOICE_FILE)}
+
+
 RUNNERS = {"probe": run_probe, "tasks": run_tasks, "select": run_select, "train": run_train,
-           "eval": run_eval, "kl": run_kl, "updates": run_updates, "restore": run_restore}
+           "eval": run_eval, "kl": run_kl, "updates": run_updates, "restore": run_restore,
+           "choose": run_choose}
