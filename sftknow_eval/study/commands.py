@@ -6,7 +6,8 @@ import argparse
 
 DESCRIPTION = """\
 Run the whole study of a spec (recipes/study/*.yaml): probe -> select -> train -> evaluate
-(lm-eval) -> KL -> restore -> evaluate -> report, one cell at a time with a progress bar.
+(lm-eval) -> KL -> restore -> evaluate -> choose k on dev (restore.choose_on) -> report, one
+cell at a time with a progress bar.
 
 Each cell writes <out>/<stage>/<name>/ atomically, with cell.json (its config hash) written
 last; a cell finished with the same config hash is never redone, so an interrupted study

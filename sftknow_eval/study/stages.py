@@ -168,16 +168,23 @@ def run_train(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
 
 
 def _task_manager(ctx: Context, family_dir: Path) -> Any:
-    """lm-eval's task index of one family folder, None for lm_eval processes. Indexing takes
-    seconds: once per folder and process, not per model."""
-    from sftknow_eval.lm_tasks.evaluate import task_manager
+    """lm-eval's task index holding ``family_dir`` (None for lm_eval processes): one index per
+    process over every family folder the study has written (the eval family and the choose_on
+    family), and over nothing else: indexing lm-eval's own task library takes tens of seconds
+    on a small CPU, and the study's families need none of it."""
+    from lm_eval.tasks import TaskManager
+
+    from sftknow_eval.study.plan import choose_family
 
     if ctx.spec.eval.subprocess:
         return None
+    families = [ctx.spec.eval.family, choose_family(ctx.spec)]
+    folders = tuple(ctx.family_dir(f) for f in families if f and ctx.family_dir(f).is_dir())
+    key = folders if family_dir in folders else (family_dir,)
     managers = ctx.cache.setdefault("task_managers", {})
-    if family_dir not in managers:
-        managers[family_dir] = task_manager(family_dir)
-    return managers[family_dir]
+    if key not in managers:
+        managers[key] = TaskManager(include_path=[str(f) for f in key], include_defaults=False)
+    return managers[key]
 
 
 def _eval_settings(ctx: Context) -> Any:
