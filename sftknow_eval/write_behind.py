@@ -7,17 +7,14 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
 
 
 def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
-    """A function of Linux's libc, or None elsewhere (the standard library binds neither
-    sync_file_range nor fallocate; ``os.posix_fallocate`` may write zeros instead)."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "posix_fadvise"):
-        return None
+    """A function of Linux's libc, or None where libc has none (the standard library binds
+    neither sync_file_range nor fallocate; ``os.posix_fallocate`` may write zeros instead)."""
     try:
         fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True),
                      name)
@@ -43,7 +40,8 @@ class _Flusher:
     k's took 2.9-3.4 s this way against 3.8-4.1 s (benchmarks/restore)."""
 
     def __init__(self, depth: int = 64 << 20, waiting: int = 256 << 20):
-        self.depth, self.waiting = depth, waiting  # waiting: bytes not yet started; writers block beyond it
+        self.depth = depth
+        self.waiting = waiting  # bytes handed over and not yet started: writers block beyond it
         self._cv = threading.Condition()
         self._todo: deque[tuple[WriteBehind, int, int]] = deque()
         self._todo_bytes = 0
@@ -113,12 +111,10 @@ _FLUSHER = _Flusher()
 
 class WriteBehind:
     """Write-behind for one file: once ``lag`` newer bytes follow a written range, it goes to
-    the background flusher, which writes it to disk and drops it from the page cache (what
-    ``dd oflag=nocache`` does; no library streams writes this way). Without it, several
+    the flusher (as ``dd oflag=nocache``; no library streams writes this way). Without it,
     model-sized outputs fill memory with dirty pages, every write waits on the kernel's
-    throttling and the inputs leave the cache. The small lag keeps the pages a write copies
-    into in the CPU caches. Linux only (elsewhere it does nothing); call :meth:`close` before
-    closing the file."""
+    throttling and the inputs leave the cache; the small lag keeps the pages a write copies
+    into in the CPU caches. Linux only; call :meth:`close` before closing the file."""
 
     def __init__(self, fd: int, lag: int = 8 << 20):
         self.fd, self.lag = fd, lag
@@ -135,31 +131,28 @@ class WriteBehind:
     def wrote(self, offset: int, length: int) -> None:
         """``length`` bytes at ``offset`` were just written."""
         self._raise_error()
-        if not self.enabled or length <= 0:
-            return
-        done = []
-        with self._lock:
-            self._ranges.append((offset, length))
-            self._pending += length
-            while self._pending > self.lag:
-                old = self._ranges.popleft()
-                self._pending -= old[1]
-                done.append(old)
-        for old_offset, old_length in done:
-            _FLUSHER.submit(self, old_offset, old_length)
+        if self.enabled and length > 0:
+            with self._lock:
+                self._ranges.append((offset, length))
+                self._pending += length
+            self._hand_over(self.lag)
 
     def close(self) -> None:
         """Hand over the ranges still held and wait until all are on disk; the file may then
         be closed. Raises the first error the flusher met on this file."""
-        with self._lock:
-            rest = list(self._ranges)
-            self._ranges.clear()
-            self._pending = 0
-        if self.enabled:
-            for offset, length in rest:
-                _FLUSHER.submit(self, offset, length)
+        self._hand_over(0)
         _FLUSHER.wait_for(self)
         self._raise_error()
+
+    def _hand_over(self, keep: int) -> None:
+        """The oldest ranges go to the flusher until at most ``keep`` bytes are held."""
+        done = []
+        with self._lock:
+            while self._pending > keep:
+                done.append(self._ranges.popleft())
+                self._pending -= done[-1][1]
+        for offset, length in done:
+            _FLUSHER.submit(self, offset, length)
 
     def _raise_error(self) -> None:
         if self._error is not None:

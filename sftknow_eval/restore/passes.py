@@ -1,16 +1,9 @@
-"""The streaming passes of restore, on worker threads (the selection rule: ``weights.topk``).
+"""The streaming passes of restore (the selection rule: ``weights.topk``): :func:`scan` (NaN/Inf
+checks, summed r, key histogram), :func:`exact_cuts` (every k's exact cut), :func:`write_variants`.
 
-1. :func:`scan` reads every floating-point tensor: NaN/Inf checks, per-tensor summed r and the
-   region's key histogram;
-2. :func:`exact_cuts` reads the region again: exact per-key counts inside the threshold bins
-   only, which give every k's exact cut;
-3. :func:`write_variants` reads every tensor once more and writes every variant.
-
-Every pass visits tensors in natural name order (the global element order), in chunks
-(:class:`Piece`) that workers read (positional reads) and run the compiled loops on
-(``weights.kernels``, GIL released); results are taken in order, so outputs and statistics do
-not depend on the workers or their timing. Memory does not grow with the model: per worker one
-:class:`_Slot` with a 256 KB histogram, in the write pass a fixed pool of :class:`_Slot`.
+Workers read chunks (:class:`Piece`) and run the compiled loops (``weights.kernels``, GIL
+released); results are taken in order, so outputs and statistics do not depend on the workers
+or their timing. Memory does not grow with the model: a fixed number of :class:`_Slot`.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from sftknow_eval.errors import UserError
 from sftknow_eval.restore.stats import VariantStats
 from sftknow_eval.weights import kernels, topk
 from sftknow_eval.weights.checkpoint import UNSIGNED, Checkpoint, RawRange
-from sftknow_eval.weights.regions import in_layer_group
+from sftknow_eval.weights.regions import in_layer_group, natural_key
 from sftknow_eval.weights.writer import ShardedWriter
 
 
@@ -77,10 +70,11 @@ class Streams:
         """The kernels' strategy code and seed term."""
         return topk.STRATEGIES.index(self.strategy), topk.random_seed_term(self.seed)
 
-    def pieces(self, order: list[str], floats_only: bool) -> list[Piece]:
-        """Every tensor of ``order`` cut into runs of at most ``size`` elements, in order."""
+    def pieces(self, floats_only: bool) -> list[Piece]:
+        """Every tensor cut into runs of at most ``size`` elements. Natural name order in every
+        pass: region tensors then come in global element order, which the tie-break needs."""
         out, size = [], self.size
-        for name in order:
+        for name in sorted(self.tuned.tensors, key=natural_key):
             info, first = self.tuned.tensors[name], self.starts.get(name)
             if info.is_float or not floats_only:
                 out += [Piece(name, a, min(info.numel, a + size), None if first is None else first + a)
@@ -108,10 +102,8 @@ _FLOATS = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.fl
 
 
 class _Slot:
-    """A chunk's reused buffers (fresh ones page-fault): raw base and tuned values, float32
-    scratch for other float types; a worker's table of counts in the read passes; in the write
-    pass the candidates (keys reaching the lowest cut: positions, keys, r, raw base values)
-    and their ties at each cut."""
+    """A chunk's reused buffers (fresh ones page-fault); in the read passes also a worker's table
+    of counts, in the write pass the candidates (keys reaching the lowest cut) and their ties."""
 
     def __init__(self, size: int):
         self.base_bytes, self.tuned_bytes = np.empty(size * 8, np.uint8), np.empty(size * 8, np.uint8)
@@ -177,19 +169,11 @@ class _Pool(ThreadPoolExecutor):
         self.shutdown(wait=True, cancel_futures=True)
 
 
-@dataclass
-class ScanResult:
-    """Per-tensor summed r, whether anything outside the region changed, the key histogram."""
-
-    sum_r: dict[str, float]
-    changed_outside: bool
-    hist: np.ndarray
-
-
-def scan(streams: Streams, parts: list[Piece]) -> ScanResult:
-    """Pass 1 over ``parts`` (every floating-point tensor)."""
+def scan(streams: Streams, parts: list[Piece]) -> tuple[dict[str, float], np.ndarray]:
+    """Pass 1 over ``parts`` (every floating-point tensor): each region tensor's summed r and
+    the region's key histogram."""
     strategy, seed_term = streams.key_args
-    sum_r, changed_outside = dict.fromkeys(streams.starts, 0.0), False
+    sum_r = dict.fromkeys(streams.starts, 0.0)
 
     def work(piece: Piece, base: RawRange, tuned: RawRange) -> float:
         slot = pool.own()
@@ -203,11 +187,9 @@ def scan(streams: Streams, parts: list[Piece]) -> ScanResult:
         for piece, total in pool.ordered(work, parts, streams.ranges, "histogram"):
             if not np.isfinite(total):
                 raise streams.nonfinite_error(piece.name)
-            if piece.first is None:
-                changed_outside = changed_outside or total > 0
-            else:
+            if piece.first is not None:
                 sum_r[piece.name] += total  # in order: independent of the workers
-        return ScanResult(sum_r, changed_outside, pool.summed_tables())
+        return sum_r, pool.summed_tables()
 
 
 def exact_cuts(streams: Streams, parts: list[Piece], thresholds: list[topk.Threshold]
@@ -232,9 +214,8 @@ def exact_cuts(streams: Streams, parts: list[Piece], thresholds: list[topk.Thres
 
 def write_variants(streams: Streams, parts: list[Piece], variants: list[Variant]) -> None:
     """The write pass over ``parts`` (every tensor). Workers prepare chunks ahead; the main
-    thread takes them in order and decides how many of each cut's ties a chunk takes (the
-    one sequential step); then one job per chunk patches it and writes it to every variant.
-    """
+    thread decides, in order, how many of each cut's ties a chunk takes (the one sequential
+    step); then one job per chunk patches it and writes it to every variant."""
     selecting = sorted((v for v in variants if v.cut is not None), key=lambda v: v.cut.n)
     groups = [v.group for v in variants if v.group is not None]
     cuts = np.array([v.cut.key for v in selecting], dtype=np.int64)

@@ -1,7 +1,5 @@
-"""The restore engine, usable without the CLI: ``restore(RestoreConfig(base=..., tuned=...,
-out=...))``. The passes (what they read, decide and keep in memory) live in ``passes``; this
-module owns the rest: argument checks, skipping finished variants, the disk check, statistics,
-cards, the atomic rename into place and the Hub push.
+"""The restore engine without the CLI: ``restore(RestoreConfig(base=..., tuned=..., out=...))``.
+Around the passes (``passes``): checks, resuming, statistics, cards, atomic rename, Hub push.
 """
 
 from __future__ import annotations
@@ -75,10 +73,6 @@ class _Job:
     streams: Streams
     total: int
 
-    @property
-    def region(self) -> list[str]:
-        return list(self.streams.starts)
-
 
 def variant_name(strategy: str, k: float) -> str:
     return f"{strategy}{k:g}"
@@ -109,16 +103,16 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
 
         for v in variants:
             hub.check_push_target(f"{cfg.push_to}-{v.name}")
-    job = _open(cfg)
+    job = _open(cfg, variants)
     try:
-        _check_variants(job, variants)
         out = Path(cfg.out)
         pending = _pending(job, variants, out)
         skipped = [v.name for v in variants if v not in pending]
         if skipped:
             log.info("already complete, skipped: %s", ", ".join(skipped))
         if pending:
-            _check_disk(out, len(pending) * (job.streams.tuned.total_bytes + (1 << 20)))
+            size = sum(info.nbytes for info in job.streams.tuned.tensors.values())
+            _check_disk(out, len(pending) * (size + (1 << 20)))
             _run(job, pending, out)
         result = RestoreResult({v.name: out / v.name for v in variants}, skipped, {})
     finally:
@@ -154,8 +148,9 @@ def _check_config(cfg: RestoreConfig) -> list[Variant]:
     return [Variant(variant_name(cfg.strategy, k), k=k) for k in ks]
 
 
-def _open(cfg: RestoreConfig) -> _Job:
-    """Both models resolved, opened and preflighted; the region in global element order."""
+def _open(cfg: RestoreConfig, variants: list[Variant]) -> _Job:
+    """Both models resolved, opened and preflighted; the region in global element order; each
+    variant checked against it."""
     base_model = resolve_model(cfg.base, cfg.base_revision)
     tuned_model = resolve_model(cfg.tuned, cfg.tuned_revision)
     base = Checkpoint.open(base_model.path, allow_pickle=cfg.allow_pickle)
@@ -169,20 +164,16 @@ def _open(cfg: RestoreConfig) -> _Job:
     for name in region:
         starts[name] = total
         total += tuned.tensors[name].numel
-    streams = Streams(base, tuned, starts, cfg.strategy, cfg.seed, _workers(cfg.threads),
-                      cfg.chunk_elements, cfg.progress)
-    return _Job(cfg, base_model, tuned_model, streams, total)
-
-
-def _check_variants(job: _Job, variants: list[Variant]) -> None:
-    total, region = job.total, job.region
     for v in variants:
         if v.k is not None and topk.count_to_select(total, v.k) == 0:
             raise UserError(f"--k {v.k:g}: {v.k:g}% of the region's {total} elements is less "
                             "than one")
         if v.group is not None and not any(regions.in_layer_group(n, v.group) for n in region):
             raise UserError(f"--layers {_group_text(v.group)}: no tensor of region "
-                            f"{job.cfg.region!r} lies in these layers")
+                            f"{cfg.region!r} lies in these layers")
+    streams = Streams(base, tuned, starts, cfg.strategy, cfg.seed, _workers(cfg.threads),
+                      cfg.chunk_elements, cfg.progress)
+    return _Job(cfg, base_model, tuned_model, streams, total)
 
 
 def _pending(job: _Job, variants: list[Variant], out: Path) -> list[Variant]:
@@ -202,10 +193,7 @@ def _pending(job: _Job, variants: list[Variant], out: Path) -> list[Variant]:
 
 
 def _check_disk(out: Path, need: int) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
     if need > free:
         raise UserError(f"{out}: not enough disk space: the outputs need {need / 2**30:.2f} GiB "
                         f"and {free / 2**30:.2f} GiB are free")
@@ -215,29 +203,25 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
     """The passes (``passes``), then each variant's files and the rename into place."""
     cfg, streams, tuned = job.cfg, job.streams, job.streams.tuned
     selecting = [v for v in variants if v.k is not None]
-    # natural name order in every pass: region tensors then come in global element order,
-    # which the tie-break (lower global index first) relies on
-    order = sorted(tuned.tensors, key=regions.natural_key)
-    floats = streams.pieces(order, floats_only=True)
-    scanned = passes.scan(streams, floats)
-    if sum(scanned.sum_r.values()) == 0:
-        what = "identical" if not scanned.changed_outside else "identical inside the region"
+    floats = streams.pieces(floats_only=True)
+    sum_r, hist = passes.scan(streams, floats)
+    if sum(sum_r.values()) == 0:
         raise UserError(f"the fine-tuned model {cfg.tuned} and the base model {cfg.base} are "
-                        f"{what} (region {cfg.region!r}): nothing to restore, no variant written")
+                        f"identical in region {cfg.region!r}: nothing to restore, no variant written")
     if selecting:
         thresholds = topk.threshold_bins(
-            scanned.hist, [topk.count_to_select(job.total, v.k) for v in selecting])
+            hist, [topk.count_to_select(job.total, v.k) for v in selecting])
         for v, cut in zip(selecting, passes.exact_cuts(streams, floats, thresholds), strict=True):
             v.cut = cut
     with contextlib.ExitStack() as folders:  # each renamed into place once all are done
         for v in variants:
-            v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, scanned.sum_r[n])
-                                    for n in job.region})
+            v.stats = VariantStats({n: TensorStats(tuned.tensors[n].numel, sum_r[n])
+                                    for n in streams.starts})
             v.folder = folders.enter_context(atomic_folder(out / v.name))
             v.writer = ShardedWriter(v.folder, tuned.output_layout(), tuned.tensors,
                                      tuned.metadata)
         try:
-            passes.write_variants(streams, streams.pieces(order, floats_only=False), variants)
+            passes.write_variants(streams, streams.pieces(floats_only=False), variants)
         except BaseException:
             for v in variants:
                 with contextlib.suppress(OSError):  # the first error is the one to report
@@ -246,8 +230,8 @@ def _run(job: _Job, variants: list[Variant], out: Path) -> None:
         for v in variants:
             v.writer.close()
         for v in (v for v in variants if v.group is not None):
-            for name in (n for n in job.region if regions.in_layer_group(n, v.group)):
-                v.stats.add(name, tuned.tensors[name].numel, scanned.sum_r[name])
+            for name in (n for n in streams.starts if regions.in_layer_group(n, v.group)):
+                v.stats.add(name, tuned.tensors[name].numel, sum_r[name])
         _finish(job, variants, out)
 
 

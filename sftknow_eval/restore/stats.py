@@ -2,16 +2,11 @@
 
 Files (in each variant folder):
 
-* ``restore_stats.json``: ``{"variant", "strategy", "k", "seed", "layers", "region",
-  "region_elements", "restored_elements", "threshold_r", "selected_r_share", "concentration",
-  "per_layer": {layer: share of restored elements}, "per_module": {module: share},
-  "per_tensor": [...same rows as the TSV...], "run": {config, versions}}``.
-  ``concentration`` is the share of the region's summed r held by the top-k% elements (known
-  exactly for strategy top, where it equals ``selected_r_share``; null otherwise).
-  ``threshold_r`` is r of the last element selected (top: the smallest restored r; bottom: the
-  largest); null for random and layer groups.
-* ``restore_stats.tsv``: one row per region tensor: tensor, layer, module, numel, restored,
-  restored_fraction, mean_r_restored, sum_r_restored, sum_r.
+* ``restore_stats.json``: the variant's settings, element counts, ``threshold_r`` (r of the
+  last element selected; null for random and layer groups), ``selected_r_share``,
+  ``concentration`` (the same share, for strategy top only), shares of restored elements
+  ``per_layer`` and ``per_module``, ``per_tensor`` (the TSV's rows) and ``run``;
+* ``restore_stats.tsv``: one row per region tensor (:data:`TSV_COLUMNS`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,2 @@
-"""Model weights, streamed: ``checkpoint`` (reader, preflight), ``writer`` (sharded safetensors
-output), ``regions`` (which tensors, in which order) and ``topk`` with its compiled ``kernels``
-(exact top-k selection over a stream of tensors). Restore and the update analysis both use it.
-"""
+"""Model weights, streamed: ``checkpoint`` (reader), ``writer`` (sharded output), ``regions`` and
+exact top-k selection (``topk``, compiled ``kernels``); used by restore and the update analysis."""

@@ -119,12 +119,11 @@ def histogram(base, tuned, strategy, first, seed_term, hist):
     """Pass 1 on one region chunk: adds each key's bin (``key >> BIN_SHIFT``) to ``hist``;
     returns the summed r. Keys out of range (only a NaN r) are not counted; their NaN sum makes
     the caller raise."""
-    n = base.size
     r = np.empty(BLOCK, np.float32)
     keys = np.empty(BLOCK, np.int64)
     lanes = np.zeros(LANES, np.float64)
-    for start in range(0, n, BLOCK):
-        size = min(BLOCK, n - start)
+    for start in range(0, base.size, BLOCK):
+        size = min(BLOCK, base.size - start)
         _block(base, tuned, start, size, strategy, first, seed_term, r, keys, lanes)
         for j in range(size):
             key = keys[j]
@@ -156,10 +155,9 @@ def count_in_bins(base, tuned, strategy, first, seed_term, slots, fine):
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def find_candidates(base, tuned, base_raw, strategy, first, seed_term, low, pos, keys, r_out,
                     raw_out):
-    """The write pass on one region chunk: the elements whose key is at least ``low``; their
-    positions (ascending), keys, r and raw base values go to the front of ``pos``, ``keys``,
-    ``r_out`` and ``raw_out``; returns how many. Per block: r and keys (vectorised), the
-    candidates' offsets (branch-free: a branch mispredicts when k is large), then their fields
+    """The write pass on one region chunk: positions, keys, r and raw base values of the
+    elements with key >= ``low``, to the fronts of the output arrays; returns how many. Offsets
+    are found branch-free (a branch mispredicts when k is large), then only their fields stored
     (storing all four for every element cost twice as much)."""
     r = np.empty(BLOCK, np.float32)
     block_keys = np.empty(BLOCK, np.int64)
@@ -206,29 +204,23 @@ def count_ties(keys, cuts, out):
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def group_by_cut(keys, cuts, takes, order, bounds):
-    """The write pass: group candidates by the first k that selects them, in one sweep.
-
-    ``cuts``: the k's exact cut keys, smallest k first (non-increasing); k number j selects the
-    keys above ``cuts[j]`` and the first ``takes[j]`` keys equal to it. Group g (``len(cuts)``:
-    no k) is ``order[bounds[g]:bounds[g + 1]]``, in order. Returns how many tied candidates a
-    k selects and a larger k does not: 0 unless the selections are not nested.
-    """
+    """Group candidates by the first k that selects them (k number j: keys above ``cuts[j]``,
+    smallest k first, and the first ``takes[j]`` equal to it). Group g (``len(cuts)``: no k) is
+    ``order[bounds[g]:bounds[g + 1]]``. Returns how many tied candidates a k selects and a larger
+    k does not: 0 unless the selections are not nested."""
     groups = cuts.size
     counts = np.zeros(groups + 1, np.int64)
     taken = np.zeros(groups, np.int64)
     group_of = np.empty(keys.size, np.uint16)  # callers pass fewer than 65535 cuts
     broken = 0
     for i in range(keys.size):
-        key = keys[i]
-        g = 0
-        tie = False
+        key, g, tie = keys[i], 0, False
         for j in range(groups):  # branch-free: the group is how many cuts the key does not pass
             g += key <= cuts[j]
             tie |= key == cuts[j]
         if tie:  # rare: take ties in order, as far as each k still takes them here
-            g = groups
+            g, bad = groups, False
             missed = False  # a larger k does not select it
-            bad = False
             for j in range(groups - 1, -1, -1):
                 equal = key == cuts[j]
                 if key > cuts[j] or (equal and taken[j] < takes[j]):
@@ -242,8 +234,7 @@ def group_by_cut(keys, cuts, takes, order, bounds):
     for i in range(keys.size):
         counts[group_of[i]] += 1
     bounds[0] = 0
-    for g in range(groups + 1):
-        bounds[g + 1] = bounds[g] + counts[g]
+    bounds[1:] = np.cumsum(counts)
     fill = bounds[:groups + 1].copy()
     for i in range(keys.size):
         g = group_of[i]

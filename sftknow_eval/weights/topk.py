@@ -14,16 +14,11 @@ The rule, which every streaming pass reproduces exactly:
   ``(-key, global index)``. Ties are broken by position, lower global index first. This is
   what ``torch.sort(r, descending=True, stable=True)[:n]`` gives for ``top``.
 
-Finding each n's cut takes two read-only passes, in memory bounded by fixed-size tables:
-
-1. a histogram of ``key >> BIN_SHIFT`` gives each n's *threshold bin* (the one holding the
-   n-th largest key) and how many elements lie in higher bins (:func:`threshold_bins`);
-2. exact per-key counts inside the threshold bins only (:func:`slot_map` says where each
-   bin's counts go) give the exact cut key and how many elements equal to it are taken, the
-   first ones in global order (:func:`exact_cuts`).
-
-A writing pass then selects ``key > cut``, or ``key == cut`` while a running count of such
-elements is under the cut's ``ties``.
+Each n's cut takes two read-only passes with fixed-size tables: a histogram of
+``key >> BIN_SHIFT`` gives the *threshold bin* holding the n-th largest key
+(:func:`threshold_bins`); exact per-key counts inside those bins only give the cut key and how
+many keys equal to it are taken (:func:`exact_cuts`). A writing pass then selects
+``key > cut``, or ``key == cut`` while a running count of such elements is under ``ties``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Sharded writer: streams tensors into safetensors shards laid out like a source checkpoint.
 
-Each output shard gets the source shard's file name, tensor names, dtypes, shapes and
-``__metadata__``. Its header is computed up front, its blocks reserved (:func:`preallocate`),
-then it is filled chunk by chunk with ``os.pwrite``: safetensors' own ``save_file`` needs a
-whole shard in memory, one per output. Written data goes to disk a little behind the writes
-and leaves the page cache (:class:`WriteBehind`), so several model-sized outputs do not fill
-memory with dirty pages and stall every write (benchmarks/restore).
+Headers are computed up front and blocks reserved (:func:`preallocate`), then shards are filled
+chunk by chunk with ``os.pwrite``: safetensors' ``save_file`` needs a whole shard in memory.
+Written data leaves the page cache a little behind the writes (:class:`WriteBehind`).
 """
 
 from __future__ import annotations
