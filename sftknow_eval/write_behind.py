@@ -33,11 +33,10 @@ _UNSUPPORTED = {errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
 class _Flusher:
-    """One background thread that takes written ranges (of any file) in order, starts their
-    writeback, and once ``depth`` bytes of newer ranges are under writeback, waits for each and
-    drops it from the page cache. A writer that waits for its own older ranges stalls whenever
-    the disk is behind, and the disk runs dry between its bursts: restore's write pass with five
-    k's took 2.9-3.4 s this way against 3.8-4.1 s (benchmarks/restore)."""
+    """One thread that starts the writeback of written ranges (of any file) in order, and once
+    ``depth`` newer bytes are under writeback waits for each and drops it from the page cache.
+    A writer that waits for its own older ranges stalls whenever the disk is behind, and the disk
+    runs dry between its bursts: five k's took 2.9-3.4 s this way against 3.8-4.1 s."""
 
     def __init__(self, depth: int = 64 << 20, waiting: int = 256 << 20):
         self.depth = depth

@@ -64,8 +64,8 @@ class RestoreResult:
 
 @dataclass
 class _Job:
-    """One run's checked inputs: both models, opened and preflighted (in ``streams``, with the
-    region's tensors in global element order), and the region's element count."""
+    """One run's checked inputs: both models, opened and preflighted (in ``streams``), and the
+    region's element count."""
 
     cfg: RestoreConfig
     base_model: ResolvedModel

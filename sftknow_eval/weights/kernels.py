@@ -116,9 +116,8 @@ def sum_relative_change(base, tuned):
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def histogram(base, tuned, strategy, first, seed_term, hist):
-    """Pass 1 on one region chunk: adds each key's bin (``key >> BIN_SHIFT``) to ``hist``;
-    returns the summed r. Keys out of range (only a NaN r) are not counted; their NaN sum makes
-    the caller raise."""
+    """Pass 1 on one region chunk: counts each key's bin in ``hist``; returns the summed r. Keys
+    out of range (only a NaN r) are not counted; their NaN sum makes the caller raise."""
     r = np.empty(BLOCK, np.float32)
     keys = np.empty(BLOCK, np.int64)
     lanes = np.zeros(LANES, np.float64)
@@ -134,9 +133,8 @@ def histogram(base, tuned, strategy, first, seed_term, hist):
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def count_in_bins(base, tuned, strategy, first, seed_term, slots, fine):
-    """The read-only pass on one region chunk: a key whose bin has a slot (``slots[bin] >= 0``)
-    adds one to ``fine[slot * FINE + (key & (FINE - 1))]``. Per block: keys (vectorised), the
-    counted ones' offsets (branch-free, as in :func:`find_candidates`), then their counts."""
+    """The read-only pass on one region chunk: counts each key whose bin has a slot in ``fine``
+    (``topk.slot_map``), finding them branch-free as :func:`find_candidates` does."""
     r = np.empty(BLOCK, np.float32)
     keys = np.empty(BLOCK, np.int64)
     found = np.empty(BLOCK, np.int32)

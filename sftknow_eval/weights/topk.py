@@ -4,15 +4,13 @@ The rule, which every streaming pass reproduces exactly:
 
 * Relative change ``r = |tuned - base| / (|base| + 1e-8)`` in float32, whatever the stored dtype.
 * Each region element gets an integer *key* (0 <= key < 2**31; larger keys are selected
-  first): for ``top`` the float32 bit pattern of r (bit patterns of non-negative floats sort
-  like the floats), for ``bottom`` ``INF_BITS - bits`` (so larger key = smaller r), for
-  ``random`` a seeded 31-bit hash of the element's global index (``kernels._random_key``: a
-  counter-based hash, so the draw depends neither on the sharding nor on the reading order).
+  first): for ``top`` r's float32 bits (they sort like non-negative floats), for ``bottom``
+  ``INF_BITS - bits``, for ``random`` a seeded counter-based hash of the element's global index
+  (``kernels._random_key``: the draw depends neither on the sharding nor on the reading order).
 * The *global index* numbers the region's elements: tensors in natural name order (digit runs
   compared as numbers, so ``layers.2`` precedes ``layers.10``), elements row-major within each.
 * ``n = floor(N * k / 100)`` elements are selected: the first n of a stable sort by
-  ``(-key, global index)``. Ties are broken by position, lower global index first. This is
-  what ``torch.sort(r, descending=True, stable=True)[:n]`` gives for ``top``.
+  ``(-key, global index)`` (for ``top``: ``torch.sort(r, descending=True, stable=True)[:n]``).
 
 Each n's cut takes two read-only passes with fixed-size tables: a histogram of
 ``key >> BIN_SHIFT`` gives the *threshold bin* holding the n-th largest key
