@@ -182,3 +182,19 @@ def test_report_row_reads_the_chosen_variants_test_scores(faked: None, tmp_path:
 def test_no_section_without_choose_on(faked: None, tmp_path: Path) -> None:
     run_study(spec_from_dict({**choose_spec(), "restore": {"k": [1, 5]}}), tmp_path, progress=False)
     assert "k chosen on dev" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_probed_study_without_dev_facts_fails_at_the_dev_family(tmp_path: Path) -> None:
+    """Facts the study probes itself have no split check before the probe cell ran: the dev
+    family's cell is where a missing dev split stops the choose cells (and only them)."""
+    from sftknow_eval.study.runner import run_cell
+
+    spec = spec_from_dict(choose_spec(annotated_copy(tmp_path / "annotated", "none")))
+    cells = {c.id: c for c in plan(spec)}
+    ctx = study_stages.Context(spec, tmp_path / "run")
+    run_cell(cells["probe/annotations"], ctx)
+    run_cell(cells["tasks/sftknow_study"], ctx)
+    with pytest.raises(UserError, match=r"restore\.choose_on: the annotations hold no facts of "
+                                        r"split dev to choose k on \(splits: test, train\)"):
+        run_cell(cells["tasks/sftknow_study_dev"], ctx)
+    assert not (tmp_path / "run" / "tasks" / "sftknow_study_dev").exists()

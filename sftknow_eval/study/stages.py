@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sftknow_eval.errors import UserError
-from sftknow_eval.study.plan import BASE, Cell, restored_name
+from sftknow_eval.study.plan import BASE, Cell, choose_family, restored_name
 from sftknow_eval.study.spec import SHIPPED, StudySpec
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def run_tasks(cell: Cell, ctx: Context, staging: Path) -> dict[str, Any]:
 
     facts, model_key, scheme = load_annotated(ctx.annotated())
     family, splits = cell.config["family"], tuple(cell.config["splits"])
-    if family != ctx.spec.eval.family and not any(f.split in splits for f in facts):
+    if family == choose_family(ctx.spec) and not any(f.split in splits for f in facts):
         found = ", ".join(sorted({f.split for f in facts}))
         raise UserError(f"restore.choose_on: the annotations hold no facts of split "
                         f"{', '.join(splits)} to choose k on (splits: {found}); probe the dev "
@@ -173,8 +173,6 @@ def _task_manager(ctx: Context, family_dir: Path) -> Any:
     family), and over nothing else: indexing lm-eval's own task library takes tens of seconds
     on a small CPU, and the study's families need none of it."""
     from lm_eval.tasks import TaskManager
-
-    from sftknow_eval.study.plan import choose_family
 
     if ctx.spec.eval.subprocess:
         return None
