@@ -19,8 +19,20 @@ from sftknow_eval.study.plan import lineages, parse_shard, select_cells, shard_o
 from sftknow_eval.study.spec import load_spec
 
 
+def _shipped_pool(category: str) -> int:
+    """Training facts of a category in the shipped annotations' pool (what preflight counts)."""
+    from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
+    from sftknow_eval.select.sets import training_pool
+
+    facts, key, _ = load_annotated(shipped_annotated())
+    return sum(fact.category(key) == category for fact in training_pool(facts))
+
+
+D4_POOL = _shipped_pool("D4")  # the shipped pool's smallest category
+
+
 def small_spec(**grid: Any) -> dict[str, Any]:
-    # allow_smaller: the shipped pool holds 180 D4 training facts, fewer than size 240
+    # allow_smaller: the shipped pool holds fewer D4 training facts than size 240
     return {"name": "unit", "grid": {"categories": ["D0", "D4"], "sizes": [60, 240],
                                      "seeds": [0, 1], "allow_smaller": True, **grid},
             "restore": {"k": [1, 5]}}
@@ -73,6 +85,7 @@ def test_shipped_specs_load() -> None:
     grid = tiny.grid
     assert len(grid.categories) >= 3 and len(grid.sizes) >= 3 and len(grid.seeds) >= 2
     assert {1.0, 5.0, 20.0} <= set(tiny.restore.k) and tiny.restored_sizes() == [max(grid.sizes)]
+    assert tiny.restore.choose_on == "dev"
     paper = load_spec("llama3-8b")
     assert paper.grid.categories == ["D0", "D1", "D2", "D3", "D4"]
     assert paper.grid.sizes[0] == 60 and paper.grid.sizes[-1] == 1920 and paper.grid.seeds == [0, 1, 2]
@@ -105,6 +118,19 @@ def test_plan_lists_every_cell_in_dependency_order() -> None:
     assert next(c for c in cells if c.id == "eval/D0-240-s1-top5").deps[-1] == restore.id
 
 
+def test_tiny_dry_run_lists_a_choose_cell_per_restored_model(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # the shipped annotations hold the dev split, disjoint from the pool (else preflight fails)
+    assert cli.main(["study", "tiny", "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    tiny = load_spec("tiny")
+    largest = max(tiny.grid.sizes)
+    restored = len(tiny.grid.categories) * len(tiny.grid.seeds)
+    assert f"choose {restored} todo" in out and "todo    tasks/sftknow_tiny_dev " in out
+    assert f"todo    choose/D2-{largest}-s1 " in out
+    assert not (tmp_path / "run").exists()
+
+
 EQ_FIXTURE = Path(__file__).parent / "fixtures" / "entity_questions" / "dataset"
 
 
@@ -127,7 +153,7 @@ def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
 
 
 # What the spec names: refused by the dry run, before anything is written (shipped annotations:
-# 180 D4 facts in the training pool).
+# D4_POOL D4 facts in the training pool, fewer than 200).
 NAMED_INPUTS = {
     "unknown recipe": ({"train": {"recipe": "no-such-recipe"}},
                        r"train\.recipe: recipe no-such-recipe: no such file"),
@@ -139,11 +165,11 @@ NAMED_INPUTS = {
                       r"model\.path: /nonexistent/sftknow-base: no such folder"),
     "size above pool": ({"grid": {"categories": ["D0", "D4"], "sizes": [60, 200, 400],
                                   "allow_smaller": False}},
-                        r"grid\.sizes: 200, 400 > the 180 D4 facts in the 'train' pool"),
+                        rf"grid\.sizes: 200, 400 > the {D4_POOL} D4 facts in the 'train' pool"),
     "wrong model key": ({"model": {"key": "someone-else"}},
                         r"model\.key: 'someone-else', but .* holds mastery for 'tiny-world'"),
-    "split not annotated": ({"eval": {"splits": ["dev"]}},
-                            r"eval\.splits: no facts of split dev"),
+    "split not annotated": ({"eval": {"splits": ["validation"]}},
+                            r"eval\.splits: no facts of split validation"),
     "missing accelerate config": ({"train": {"launcher": "accelerate",
                                              "accelerate_config": "no-such-config"}},
                                   r"train\.accelerate_config: accelerate config no-such-config: "
@@ -172,10 +198,11 @@ def test_dry_run_checks_what_the_spec_names(case: str, tmp_path: Path,
 
 def test_problems_are_listed_together_and_the_real_run_checks_first(
         recorded: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = small_spec(sizes=[60, 250], allow_smaller=False)  # D0 holds 284, D4 180
+    assert D4_POOL < 250 <= _shipped_pool("D0")
+    data = small_spec(sizes=[60, 250], allow_smaller=False)
     data["train"] = {"recipe": "no-such-recipe"}
     with pytest.raises(UserError, match=r"^x\.yaml: 2 problems:\n  train\.recipe: .*\n  "
-                                        r"grid\.sizes: 250 > the 180 D4"):
+                                        rf"grid\.sizes: 250 > the {D4_POOL} D4"):
         run_study(spec_from_dict(data, "x.yaml"), tmp_path / "run", progress=False)
     assert recorded == [] and not (tmp_path / "run").exists()
     spec_file = tmp_path / "s.yaml"
@@ -185,7 +212,7 @@ def test_problems_are_listed_together_and_the_real_run_checks_first(
     assert "train.recipe: recipe no-such-recipe" in err and "grid.sizes: 250" in err
     assert not (tmp_path / "run").exists()
     data["train"] = {"recipe": "tiny"}
-    data["grid"]["allow_smaller"] = True  # takes all 180 D4 facts for size 250
+    data["grid"]["allow_smaller"] = True  # takes all D4 facts for size 250
     assert run_study(spec_from_dict(data), tmp_path / "run", dry_run=True).cells
 
 
