@@ -4,6 +4,7 @@ inputs (overlap with the training set, empty dev buckets, an unusable backend)."
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,9 +151,16 @@ def test_bad_dev_inputs_fail_before_restoring(fine_tune: Path, tmp_path: Path) -
     (empty / "family.json").write_text(json.dumps(family_json))
     with pytest.raises(UserError, match="every bucket of the dev family tinydev is empty"):
         restore_and_choose(config, empty)
-    # annotated facts without a dev split
+    # annotated facts without a dev split (the shipped annotations less their dev file)
+    no_dev = tmp_path / "no-dev"
+    shutil.copytree(shipped_annotated(), no_dev)
+    (no_dev / "facts" / "dev.jsonl").unlink()
+    probe_config = json.loads((no_dev / "probe_config.json").read_text())
+    del probe_config["files"]["dev"]
+    probe_config["facts"] = sum(1 for f in load_annotated(shipped_annotated())[0] if f.split != "dev")
+    (no_dev / "probe_config.json").write_text(json.dumps(probe_config))
     with pytest.raises(UserError, match="no facts of split dev"):
-        restore_and_choose(config, "shipped")
+        restore_and_choose(config, no_dev)
     # a backend this machine cannot run
     family = _dev_family(tmp_path / "dev")
     with pytest.raises(UserError, match="backend 'vllm' is not usable here"):

@@ -66,12 +66,12 @@ class WorldConfig:
     """Everything that determines a tiny world's knowledge base (with the seed)."""
 
     seed: int = 0
-    subjects_in_domain: int = 640
+    subjects_in_domain: int = 160
     subjects_out_of_domain: int = 60
     # Per in-domain relation: the first subjects are test facts, the next dev facts, the rest
     # the SFT pool; out-of-domain relations are test-only.
     test_per_relation: int = 40
-    dev_per_relation: int = 40
+    dev_per_relation: int = 10
     absent_fraction: float = 0.25
     max_exposure: int = 60
     object_popularity_exponent: float = 0.5
