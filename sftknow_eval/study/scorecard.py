@@ -190,6 +190,11 @@ def _not(key: str, rule: str, reason: str) -> Shape:
     return Shape(key, NOT_MEASURABLE, reason, rule=rule)
 
 
+def _grade(shown: bool, partly: bool) -> str:
+    """The verdict of a measurable shape: shown, else partly, else not shown."""
+    return SHOWN if shown else PARTLY if partly else NOT_SHOWN
+
+
 def peak_then_fall(spec: StudySpec, value: Lookup) -> Shape:
     """Shape (a); see the module docstring for the rule."""
     rule, sizes = RULES["a"], sorted(spec.grid.sizes, key=size_order)
@@ -197,7 +202,8 @@ def peak_then_fall(spec: StudySpec, value: Lookup) -> Shape:
         return _not("a", rule, f"this spec trains one size ({sizes[0]}): no size axis")
     evals = _Evals(value)
     curves = {c: {s: evals.acc(_seeds(spec, c, s)) for s in sizes} for c in spec.grid.categories}
-    failed = evals.check("a", rule, [st for curve in curves.values() for st in curve.values()])
+    stats = [st for curve in curves.values() for st in curve.values()]
+    failed = evals.check("a", rule, stats)
     if failed:
         return failed
     largest, rows, parts, falls, below = sizes[-1], {}, [], 0, 0
@@ -218,15 +224,9 @@ def peak_then_fall(spec: StudySpec, value: Lookup) -> Shape:
             parts.append(f"{category}: peak {curve[peak].text()} at {peak}, {curve[largest].text()} at "
                          f"{largest}, fall {100 * drop:.1f} (spread {100 * spread:.1f})")
     total = len(curves)
-    if 2 * falls > total:
-        verdict = SHOWN
-    elif falls or 2 * below > total:
-        verdict = PARTLY
-    else:
-        verdict = NOT_SHOWN
+    verdict = _grade(2 * falls > total, bool(falls) or 2 * below > total)
     reason = (f"{falls} of {total} categories fall beyond the seed spread from their peak to "
               f"{largest}; {below} of {total} peak below the largest size")
-    stats = [st for curve in curves.values() for st in curve.values()]
     return Shape("a", verdict, reason + evals.note(stats), "; ".join(parts),
                  {"largest_size": largest, "categories": rows, "falls": falls, "peak_below": below},
                  rule)
@@ -242,7 +242,8 @@ def diagonal(spec: StudySpec, value: Lookup, largest: int | str) -> Shape:
                     "no diagonal to compare")
     evals = _Evals(value)
     table = {t: {c: evals.acc(_seeds(spec, c, largest), "id", t) for c in trained} for t in tests}
-    failed = evals.check("b", rule, [st for row in table.values() for st in row.values()])
+    stats = [st for row in table.values() for st in row.values()]
+    failed = evals.check("b", rule, stats)
     if failed:
         return failed
     hits, near, rows, parts = 0, 0, {}, []
@@ -257,15 +258,9 @@ def diagonal(spec: StudySpec, value: Lookup, largest: int | str) -> Shape:
         parts.append(f"{test} test: best after {best} {row[best].text()}"
                      + ("" if hit else f", own {row[test].text()}"))
     need = math.ceil(DIAGONAL_SHARE * len(tests))
-    if hits >= need:
-        verdict = SHOWN
-    elif hits + near >= need or 2 * hits > len(tests):
-        verdict = PARTLY
-    else:
-        verdict = NOT_SHOWN
+    verdict = _grade(hits >= need, hits + near >= need or 2 * hits > len(tests))
     reason = (f"{hits} of {len(tests)} test categories best after their own training category "
               f"({near} more within one std); shown needs {need}")
-    stats = [st for row in table.values() for st in row.values()]
     return Shape("b", verdict, reason + evals.note(stats), f"at {largest}: " + "; ".join(parts),
                  {"size": largest, "tests": rows, "hits": hits, "near": near, "needed": need}, rule)
 
@@ -376,12 +371,8 @@ def restoration(spec: StudySpec, value: Lookup, k: float | None = None) -> Shape
              + (f" Secondary, best over k (chosen on test, not used): {secondary}." if secondary else ""))
     failed_parts = [name for name, ok in checks.items() if ok is False and name != "raises"]
     unmeasured = [name for name, ok in checks.items() if ok is None]
-    if not checks["raises"]:
-        verdict = NOT_SHOWN
-    elif failed_parts or unmeasured:
-        verdict = PARTLY
-    else:
-        verdict = SHOWN
+    verdict = _grade(checks["raises"] and not failed_parts and not unmeasured,
+                     bool(checks["raises"]))
     reason = ("restoration raises in-domain Acc on average" if checks["raises"]
               else "restoration does not raise in-domain Acc on average")
     if failed_parts:
