@@ -39,13 +39,13 @@ def check_backend(name: str) -> None:
         raise UserError(f"lm-eval model backend {name!r} is not usable here: {error}") from None
 
 
-def task_manager(family_dir: Path) -> Any:
-    """lm-eval's task index over the family folder only (lm-eval's own task library is left out:
-    indexing it takes tens of seconds and our families need none of it). Build one and pass it
-    to every :func:`evaluate_family` call on that family."""
+def task_manager(*family_dirs: Path) -> Any:
+    """lm-eval's task index over the given family folders only (lm-eval's own task library is
+    left out: indexing it takes tens of seconds and our families need none of it). Build one and
+    pass it to every :func:`evaluate_family` call on those families."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(family_dir), include_defaults=False)
+    return TaskManager(include_path=[str(d) for d in family_dirs], include_defaults=False)
 
 
 def evaluate_family(model: str | Path, family_dir: Path, family: str, settings: EvalSettings,

@@ -172,7 +172,7 @@ def _task_manager(ctx: Context, family_dir: Path) -> Any:
     process over every family folder the study has written (the eval family and the choose_on
     family), and over nothing else: indexing lm-eval's own task library takes tens of seconds
     on a small CPU, and the study's families need none of it."""
-    from lm_eval.tasks import TaskManager
+    from sftknow_eval.lm_tasks.evaluate import task_manager
 
     if ctx.spec.eval.subprocess:
         return None
@@ -181,7 +181,7 @@ def _task_manager(ctx: Context, family_dir: Path) -> Any:
     key = folders if family_dir in folders else (family_dir,)
     managers = ctx.cache.setdefault("task_managers", {})
     if key not in managers:
-        managers[key] = TaskManager(include_path=[str(f) for f in key], include_defaults=False)
+        managers[key] = task_manager(*key)
     return managers[key]
 
 
