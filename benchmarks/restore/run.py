@@ -27,6 +27,7 @@ MATS = {"self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": 
         "self_attn.v_proj.weight": (HIDDEN, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
         "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
         "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)}
+PIECE = 2 << 20  # the floor's write size: one of restore's 1 M-element chunks of bf16
 REGION_RE = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
 
 
@@ -141,13 +142,16 @@ def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1,
              lag_mb: int | None = None, reserve: bool = False) -> None:
     """Read both inputs once, write ``outputs`` outputs of the same size: no computation.
 
-    ``lag_mb``: with the write-behind that restore's writer uses (each written range goes to
-    disk at once and leaves the page cache ``lag_mb`` MB later), so the floor gets the same
-    help; None: plain buffered writes. ``reserve``: each output's blocks are reserved on disk
-    first, as restore's writer does (:func:`preallocate`).
+    ``lag_mb``: with the write-behind that restore's writer uses (each written range starts
+    going to disk at once; ``lag_mb`` MB later the writer waits for it and drops it from the
+    page cache), so the floor gets the same help; None: plain buffered writes. Each input block
+    is written to every output in ``PIECE``-sized writes, as restore writes a chunk for every k
+    (one 64 MB write per output would make each one wait for its own write-back).
+    ``reserve``: each output's blocks are reserved first (``os.posix_fallocate``), as restore's
+    writer does.
     """
     # standard library only: no torch import
-    from sftknow_eval.write_behind import WriteBehind, preallocate
+    from sftknow_eval.weights.writer import WriteBehind
 
     folders = [out / f"o{i}" for i in range(outputs)]
     for folder in folders:
@@ -159,22 +163,22 @@ def io_floor(base_dir: Path, tuned_dir: Path, out: Path, outputs: int = 1,
             files = [open(folder / f.name, "wb", buffering=0) for folder in folders]  # noqa: SIM115
             if reserve:
                 for o in files:
-                    preallocate(o.fileno(), f.stat().st_size)
+                    os.posix_fallocate(o.fileno(), 0, f.stat().st_size)
             behind = [WriteBehind(o.fileno(), lag_mb << 20) if lag_mb else None for o in files]
             try:
                 while b.readinto(view):
                     pass
                 offset = 0
                 while n := t.readinto(view):
-                    for o, wb in zip(files, behind, strict=True):
-                        o.write(view[:n])
-                        if wb is not None:
-                            wb.wrote(offset, n)
+                    for start in range(0, n, PIECE):
+                        piece = view[start:min(n, start + PIECE)]
+                        for o, wb in zip(files, behind, strict=True):
+                            o.write(piece)
+                            if wb is not None:
+                                wb.wrote(offset + start, len(piece))
                     offset += n
             finally:
-                for o, wb in zip(files, behind, strict=True):
-                    if wb is not None:
-                        wb.close()
+                for o in files:
                     o.close()
 
 
