@@ -234,7 +234,7 @@ def measure(label: str, argv: list[str], out: Path, before=None, repeat: int = 1
 def _measure_once(label: str, argv: list[str], out: Path) -> dict[str, float]:
     """Wall time until the child's outputs are on disk: the child's run plus an ``os.sync()``
     of whatever it left dirty, so that no contender looks faster by exiting with its output
-    still in memory (plain writes leave all of it; write-behind about 16 MB per file)."""
+    still in memory (plain writes leave all of it; write-behind at most its lag per file)."""
     os.sync()  # no write-back left over from the previous contender
     start = time.perf_counter()
     env = dict(os.environ)
