@@ -38,6 +38,25 @@ def test_knowledge_base_shape():
     assert {f.domain for f in groups["test_out_of_domain"]} == {"out"}
 
 
+def test_two_word_subjects_share_their_words_and_keep_the_vocabulary_flat():
+    """With subject_words=2 every subject is a given name and a family name from fixed
+    inventories: unique as a pair, its words shared with other subjects, so more subjects
+    add no new words."""
+    def words(subjects: int) -> tuple[list, set[str]]:
+        facts = generate_facts(WorldConfig(seed=0, subject_words=2, subjects_in_domain=subjects,
+                                           given_names=80, family_names_per_kind=40))
+        return facts, {word for f in facts for word in f.subject.split()}
+
+    facts, few = words(160)
+    assert all(len(f.subject.split()) == 2 for f in facts)
+    assert len({f.subject for f in facts}) == len(facts)
+    objects = {alias for f in facts for alias in f.aliases}
+    assert not few & objects  # a subject word is never an answer
+    more_facts, more = words(400)
+    assert len(more_facts) - len(facts) == 240 * len(IN_DOMAIN) and len(more) <= 80 + 40 * 8
+    assert [f.to_dict() for f in more_facts] == [f.to_dict() for f in words(400)[0]]
+
+
 def test_dev_split_is_in_domain_and_disjoint_from_pool_and_tests():
     config = WorldConfig(seed=0)
     groups = split_files(generate_facts(config))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from sftknow_eval.facts import Fact
@@ -77,6 +78,13 @@ class WorldConfig:
     object_popularity_exponent: float = 0.5
     alias_fraction: float = 0.5
     pool_scale: float = 1.5
+    # 1: every subject is one invented word (one token, its own embedding). 2: a given name and
+    # a family name drawn from shared inventories ("Brelmo Tavisko"), so a subject is two tokens
+    # that other subjects share, its facts must be stored in the network rather than in a
+    # private embedding row, and the vocabulary stops growing with the number of subjects.
+    subject_words: int = 1
+    given_names: int = 400
+    family_names_per_kind: int = 200
     relations: tuple[str, ...] = field(default_factory=lambda: tuple(RELATIONS))
 
     def to_dict(self) -> dict:
@@ -127,11 +135,32 @@ def draw_exposure(rng: random.Random, config: WorldConfig) -> int:
     return max(1, min(config.max_exposure, round(drawn)))
 
 
+def subject_namer(config: WorldConfig, names: NameFactory, rng: random.Random) -> Callable[[str], str]:
+    """A function giving a new subject name of a kind, unique across the world."""
+    if config.subject_words == 1:
+        return lambda kind: names.take(rng.choice(SUBJECT_SUFFIXES[kind]))
+    given = [names.take() for _ in range(config.given_names)]
+    families = {kind: [names.take(rng.choice(suffixes)) for _ in range(config.family_names_per_kind)]
+                for kind, suffixes in sorted(SUBJECT_SUFFIXES.items())}
+    taken: set[str] = set()
+
+    def take(kind: str) -> str:
+        for _ in range(10_000):
+            name = f"{rng.choice(given)} {rng.choice(families[kind])}"
+            if name not in taken:
+                taken.add(name)
+                return name
+        raise RuntimeError("ran out of two-word subject names; raise given_names")
+
+    return take
+
+
 def generate_facts(config: WorldConfig) -> list[Fact]:
     """The knowledge base: one fact per (relation, subject), seeded and deterministic."""
     rng = random.Random(config.seed)
     names = NameFactory(rng)
     pools = make_pools(config, names, rng)
+    take_subject = subject_namer(config, names, rng)
     facts: list[Fact] = []
     for pid in config.relations:
         relation: Relation = RELATIONS[pid]
@@ -139,8 +168,7 @@ def generate_facts(config: WorldConfig) -> list[Fact]:
         pool = pools[relation.object_kind]
         test_count = config.test_per_relation if relation.in_domain else count
         dev_count = config.dev_per_relation if relation.in_domain else 0
-        subjects = [names.take(rng.choice(SUBJECT_SUFFIXES[relation.subject_kind]))
-                    for _ in range(count)]
+        subjects = [take_subject(relation.subject_kind) for _ in range(count)]
         for index, subject in enumerate(subjects):
             obj = rng.choices(pool.names, weights=pool.weights)[0]
             split = ("test" if index < test_count
