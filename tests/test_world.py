@@ -55,6 +55,8 @@ def test_two_word_subjects_share_their_words_and_keep_the_vocabulary_flat():
     more_facts, more = words(400)
     assert len(more_facts) - len(facts) == 240 * len(IN_DOMAIN) and len(more) <= 80 + 40 * 8
     assert [f.to_dict() for f in more_facts] == [f.to_dict() for f in words(400)[0]]
+    with pytest.raises(ValueError, match="subject_words: 3; use 1"):
+        WorldConfig(subject_words=3)
 
 
 def test_dev_split_is_in_domain_and_disjoint_from_pool_and_tests():

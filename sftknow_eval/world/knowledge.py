@@ -87,6 +87,11 @@ class WorldConfig:
     family_names_per_kind: int = 200
     relations: tuple[str, ...] = field(default_factory=lambda: tuple(RELATIONS))
 
+    def __post_init__(self) -> None:
+        if self.subject_words not in (1, 2):
+            raise ValueError(f"WorldConfig.subject_words: {self.subject_words!r}; use 1 (one "
+                             "invented word) or 2 (a given name and a family name)")
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["relations"] = list(self.relations)
