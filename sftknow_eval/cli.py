@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"sftknow-eval: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as error:  # a path the user gave that cannot be used
         print(f"sftknow-eval: error: {error}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -173,3 +173,28 @@ def test_run_kl_checks_its_arguments_before_loading(tmp_path: Path,
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         run_kl("base", "tuned", "shipped", out=tmp_path / "file")
+
+
+def test_an_output_folder_under_a_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """An --out whose parent is a file stops with a one-line error (exit 2), not a traceback,
+    and the file is left as it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sftknow_eval.world.shipped import model_path
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(model_path(), tuned)
+    weights = load_file(tuned / "model.safetensors")
+    for name in weights:
+        if "mlp" in name:
+            weights[name] = weights[name] + 0.01
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert main(["restore", "--base", str(model_path()), "--tuned", str(tuned), "--k", "5",
+                 "--no-progress",
+                 "--out", str(blocker / "restored")]) == 2
+    assert "sftknow-eval: error: [Errno 20] Not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "keep me"
