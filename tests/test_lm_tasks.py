@@ -90,6 +90,21 @@ def test_group_acc_is_the_unweighted_bucket_mean(lm_eval_run):
         assert results[f"famx_{domain}"]["acc_per_item,none"] == pytest.approx(micro)
 
 
+def test_lm_eval_prompts_are_the_sft_prompt_and_targets_the_answer(lm_eval_run):
+    """The family's doc_to_text / doc_to_target hooks give lm-eval exactly the prompt SFT
+    trained on and the fact's answer."""
+    from sftknow_eval.prompts import qa_prompt
+
+    records = [json.loads(line) for path in lm_eval_run.rglob("samples_famx_id_D3_*.jsonl")
+               for line in path.read_text().splitlines() if line]
+    assert len(records) == 9
+    for record in records:
+        context = record["arguments"]["gen_args_0"]["arg_0"]
+        assert context == qa_prompt(record["doc"]["question"])
+        assert context.startswith("<|question|> ") and context.endswith(" <|answer|>")
+        assert record["target"] == record["doc"]["answer"]
+
+
 def test_results_table_from_real_output(lm_eval_run, tmp_path):
     scores = collect([lm_eval_run])
     assert len(scores) == 1 and scores[0].family == "famx"

@@ -1,7 +1,8 @@
-"""What lm-eval calls while it runs one of our tasks: the bucket loader and the scorer.
+"""What lm-eval calls while it runs one of our tasks: the bucket loader, the prompt and the
+scorer.
 
 A family's ``utils.py`` (written by ``family.write_family``) is a thin shim over this module,
-so the scoring rule lives in one place: the shared containment matcher (docs/METHOD.md §4) and
+so the prompt and the scoring rule live in one place: the shared containment matcher (docs/METHOD.md §4) and
 exact match beside it.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sftknow_eval.matching import contains_answer, exact_match
+from sftknow_eval.prompts import qa_prompt
 
 
 def load_bucket(folder: Path, data: str, **_ignored: Any) -> dict[str, Any]:
@@ -31,6 +33,16 @@ def load_bucket(folder: Path, data: str, **_ignored: Any) -> dict[str, Any]:
         "category": datasets.Value("string"),
     })
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows, features=features)})
+
+
+def doc_to_text(doc: dict[str, Any]) -> str:
+    """lm-eval ``doc_to_text``: the SFT prompt of the item's question (prompts.qa_prompt)."""
+    return qa_prompt(doc["question"])
+
+
+def doc_to_target(doc: dict[str, Any]) -> str:
+    """lm-eval ``doc_to_target``: the item's answer."""
+    return doc["answer"]
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, int]:
