@@ -178,14 +178,16 @@ def test_tasks_write_from_a_hub_dataset(tmp_path, local_hub):
     """An annotated dataset pushed to the Hub is written into a task family by its repo id."""
     from sftknow_eval import hub
     from sftknow_eval.cli import main
-    from sftknow_eval.probe.annotated import shipped_annotated
+    from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
 
     hub.push_folder(shipped_annotated(), "study/tiny-mastery", repo_type="dataset")
     assert main(["tasks", "write", "--annotated", "study/tiny-mastery", "--name", "fromhub",
                  "--out", str(tmp_path / "fam")]) == 0
     family = json.loads((tmp_path / "fam" / "family.json").read_text())
     assert family["mastery_model"] == "tiny-world"
-    assert sum(family["items"]["fromhub_id"].values()) == 400
+    in_domain_test = sum(f.split == "test" and f.domain == "in"
+                         for f in load_annotated(shipped_annotated())[0])
+    assert sum(family["items"]["fromhub_id"].values()) == in_domain_test == 1200
 
 
 def test_unknown_scheme_is_refused(tmp_path):

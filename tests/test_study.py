@@ -28,11 +28,12 @@ def _shipped_pool(category: str) -> int:
     return sum(fact.category(key) == category for fact in training_pool(facts))
 
 
-D4_POOL = _shipped_pool("D4")  # the shipped pool's smallest category
+SMALLEST = min(("D0", "D1", "D2", "D3", "D4"), key=_shipped_pool)  # the pool's thinnest category
+POOL = _shipped_pool(SMALLEST)
 
 
 def small_spec(**grid: Any) -> dict[str, Any]:
-    # allow_smaller: the shipped pool holds fewer D4 training facts than size 240
+    # allow_smaller: a test world's pool may hold fewer facts of a category than size 240
     return {"name": "unit", "grid": {"categories": ["D0", "D4"], "sizes": [60, 240],
                                      "seeds": [0, 1], "allow_smaller": True, **grid},
             "restore": {"k": [1, 5]}}
@@ -83,9 +84,14 @@ def test_shipped_specs_load() -> None:
     tiny = load_spec(None)
     assert tiny.name == "tiny" and tiny.source.endswith("recipes/study/tiny.yaml")
     grid = tiny.grid
-    assert len(grid.categories) >= 3 and len(grid.sizes) >= 3 and len(grid.seeds) >= 2
+    assert grid.categories == ["D0", "D1", "D2", "D3", "D4"] and len(grid.sizes) >= 3
+    assert max(grid.sizes) >= 16 * min(grid.sizes)  # the default spans the paper's 16x
     assert {1.0, 5.0, 20.0} <= set(tiny.restore.k) and tiny.restored_sizes() == [max(grid.sizes)]
     assert tiny.restore.choose_on == "dev"
+    sizes = load_spec("tiny-sizes")
+    assert sizes.grid.sizes == [40, 80, 160, 320, 640] and len(sizes.grid.seeds) >= 2
+    assert sizes.restore.k == [1, 5, 10, 20, 40] and sizes.restored_sizes() == sizes.grid.sizes
+    assert max(sizes.grid.sizes) <= POOL  # every category's pool holds the largest size
     paper = load_spec("llama3-8b")
     assert paper.grid.categories == ["D0", "D1", "D2", "D3", "D4"]
     assert paper.grid.sizes[0] == 60 and paper.grid.sizes[-1] == 1920 and paper.grid.seeds == [0, 1, 2]
@@ -127,7 +133,7 @@ def test_tiny_dry_run_lists_a_choose_cell_per_restored_model(
     largest = max(tiny.grid.sizes)
     restored = len(tiny.grid.categories) * len(tiny.grid.seeds)
     assert f"choose {restored} todo" in out and "todo    tasks/sftknow_tiny_dev " in out
-    assert f"todo    choose/D2-{largest}-s1 " in out
+    assert f"todo    choose/D2-{largest}-s{tiny.grid.seeds[-1]} " in out
     assert not (tmp_path / "run").exists()
 
 
@@ -153,7 +159,7 @@ def test_llama3_8b_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
 
 
 # What the spec names: refused by the dry run, before anything is written (shipped annotations:
-# D4_POOL D4 facts in the training pool, fewer than 200).
+# POOL facts of category SMALLEST in the training pool).
 NAMED_INPUTS = {
     "unknown recipe": ({"train": {"recipe": "no-such-recipe"}},
                        r"train\.recipe: recipe no-such-recipe: no such file"),
@@ -163,9 +169,10 @@ NAMED_INPUTS = {
                            r"train\.recipe: .*tiny\.yaml: num_train_epochs.*invalid float value: .many."),
     "missing model": ({"model": {"path": "/nonexistent/sftknow-base"}},
                       r"model\.path: /nonexistent/sftknow-base: no such folder"),
-    "size above pool": ({"grid": {"categories": ["D0", "D4"], "sizes": [60, 200, 400],
+    "size above pool": ({"grid": {"categories": ["D0", SMALLEST], "sizes": [60, POOL + 1, 2 * POOL],
                                   "allow_smaller": False}},
-                        rf"grid\.sizes: 200, 400 > the {D4_POOL} D4 facts in the 'train' pool"),
+                        rf"grid\.sizes: {POOL + 1}, {2 * POOL} > the {POOL} {SMALLEST} facts in "
+                        "the 'train' pool"),
     "wrong model key": ({"model": {"key": "someone-else"}},
                         r"model\.key: 'someone-else', but .* holds mastery for 'tiny-world'"),
     "split not annotated": ({"eval": {"splits": ["validation"]}},
@@ -198,21 +205,22 @@ def test_dry_run_checks_what_the_spec_names(case: str, tmp_path: Path,
 
 def test_problems_are_listed_together_and_the_real_run_checks_first(
         recorded: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert D4_POOL < 250 <= _shipped_pool("D0")
-    data = small_spec(sizes=[60, 250], allow_smaller=False)
+    above = POOL + 1
+    assert 2 * POOL < _shipped_pool("D0")
+    data = small_spec(categories=["D0", SMALLEST], sizes=[60, above], allow_smaller=False)
     data["train"] = {"recipe": "no-such-recipe"}
     with pytest.raises(UserError, match=r"^x\.yaml: 2 problems:\n  train\.recipe: .*\n  "
-                                        rf"grid\.sizes: 250 > the {D4_POOL} D4"):
+                                        rf"grid\.sizes: {above} > the {POOL} {SMALLEST}"):
         run_study(spec_from_dict(data, "x.yaml"), tmp_path / "run", progress=False)
     assert recorded == [] and not (tmp_path / "run").exists()
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(yaml.safe_dump(data))
     assert cli.main(["study", str(spec_file), "--dry-run", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "train.recipe: recipe no-such-recipe" in err and "grid.sizes: 250" in err
+    assert "train.recipe: recipe no-such-recipe" in err and f"grid.sizes: {above}" in err
     assert not (tmp_path / "run").exists()
     data["train"] = {"recipe": "tiny"}
-    data["grid"]["allow_smaller"] = True  # takes all D4 facts for size 250
+    data["grid"]["allow_smaller"] = True  # takes every fact of the thinnest category
     assert run_study(spec_from_dict(data), tmp_path / "run", dry_run=True).cells
 
 

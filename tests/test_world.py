@@ -73,6 +73,24 @@ def test_dev_split_is_in_domain_and_disjoint_from_pool_and_tests():
     assert sum(len(g) for g in groups.values()) == len(generate_facts(config))
 
 
+def test_shipped_dev_split_is_annotated_in_every_category_and_disjoint():
+    """The shipped annotations' dev split: every mastery category present, and no fact, subject
+    or question shared with the SFT pool or the test sets."""
+    from sftknow_eval.probe.annotated import load_annotated, shipped_annotated
+
+    facts, key, _ = load_annotated(shipped_annotated())
+    by_split: dict[str, list] = {}
+    for fact in facts:
+        by_split.setdefault(fact.split, []).append(fact)
+    dev = by_split.pop("dev")
+    counts = {c: sum(f.category(key) == c for f in dev) for c in ("D0", "D1", "D2", "D3", "D4")}
+    assert min(counts.values()) >= 10, counts
+    assert len(dev) == manifest()["counts"]["dev_in_domain"]
+    for field in ("id", "subject", "question"):
+        others = {getattr(f, field) for group in by_split.values() for f in group}
+        assert not {getattr(f, field) for f in dev} & others
+
+
 def test_corpus_states_facts_by_exposure_and_never_in_qa_format():
     facts = generate_facts(WorldConfig(seed=1, subjects_in_domain=10, subjects_out_of_domain=5))
     corpus = " ".join(build_corpus(facts, 1))
@@ -88,6 +106,9 @@ def test_quick_build_is_complete_and_reproducible(tmp_path):
     build_world(tmp_path / "b", BuildRecipe.quick(seed=3), run_measurements=False, progress=False)
     for name in FACT_FILES.values():
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    for part in ("model.safetensors", "tokenizer.json"):  # same seed, same machine: same bytes
+        assert (tmp_path / "a" / "model" / part).read_bytes() == \
+            (tmp_path / "b" / "model" / part).read_bytes()
     model = tmp_path / "a" / "model"
     for part in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (model / part).is_file()
@@ -109,7 +130,7 @@ def test_shipped_facts_are_what_the_generator_gives_from_the_manifest():
 
 def test_shipped_world_is_small_and_documented():
     total = sum(p.stat().st_size for p in SHIPPED_WORLD.rglob("*") if p.is_file())
-    assert total <= 20 * 1024 * 1024
+    assert total <= 30 * 1024 * 1024
     info = manifest()
     assert info["counts"]["train"] == len([f for f in load_all_facts() if f.split == "train"])
     assert json.loads((SHIPPED_WORLD / "model" / "config.json").read_text())["model_type"] == "llama"
@@ -135,10 +156,12 @@ def test_shipped_model_knowledge_is_graded_by_exposure():
     model = AutoModelForCausalLM.from_pretrained(model_path())
     rates = {band: value["rate"] for band, value in
              rate_by_band(sample, template_success(model, tokenizer, sample, 5)).items()}
-    assert rates["0"] < 0.05
-    assert 0.05 < rates["1-2"] < 0.5  # rare facts: sometimes known, not a cliff
-    assert rates["0"] < rates["1-2"] < rates["6-15"] < rates["16+"]
-    assert rates["16+"] > 0.6
+    # facts never or barely stated are known only by a lucky guess of a popular answer (the
+    # two bands differ by less than this sample's noise); from there knowledge rises with
+    # exposure, through a middle band known about half the time, with no cliff
+    assert max(rates["0"], rates["1-2"]) < 0.1
+    assert rates["1-2"] < rates["3-5"] < rates["6-15"] < rates["16+"]
+    assert 0.05 < rates["3-5"] < 0.3 and 0.3 < rates["6-15"] < 0.7 and rates["16+"] > 0.8
 
 
 def test_rebuilding_the_default_world_needs_force(tmp_path, monkeypatch, capsys):

@@ -67,12 +67,12 @@ class WorldConfig:
     """Everything that determines a tiny world's knowledge base (with the seed)."""
 
     seed: int = 0
-    subjects_in_domain: int = 160
+    subjects_in_domain: int = 1300
     subjects_out_of_domain: int = 60
     # Per in-domain relation: the first subjects are test facts, the next dev facts, the rest
     # the SFT pool; out-of-domain relations are test-only.
-    test_per_relation: int = 40
-    dev_per_relation: int = 10
+    test_per_relation: int = 120
+    dev_per_relation: int = 20
     absent_fraction: float = 0.25
     max_exposure: int = 60
     object_popularity_exponent: float = 0.5
@@ -82,7 +82,7 @@ class WorldConfig:
     # a family name drawn from shared inventories ("Brelmo Tavisko"), so a subject is two tokens
     # that other subjects share, its facts must be stored in the network rather than in a
     # private embedding row, and the vocabulary stops growing with the number of subjects.
-    subject_words: int = 1
+    subject_words: int = 2
     given_names: int = 400
     family_names_per_kind: int = 200
     relations: tuple[str, ...] = field(default_factory=lambda: tuple(RELATIONS))

@@ -11,4 +11,6 @@ def load_bucket(**kwargs):
     return scoring.load_bucket(FOLDER, **kwargs)
 
 
+doc_to_text = scoring.doc_to_text
+doc_to_target = scoring.doc_to_target
 process_results = scoring.process_results
