@@ -2,8 +2,8 @@
 scorer.
 
 A family's ``utils.py`` (written by ``family.write_family``) is a thin shim over this module,
-so the prompt and the scoring rule live in one place: the shared containment matcher (docs/METHOD.md §4) and
-exact match beside it.
+so the prompt (``prompts.qa_prompt``, the one SFT trains on) and the scoring rule (the shared
+containment matcher of docs/METHOD.md §4, with exact match beside it) each live in one place.
 """
 
 from __future__ import annotations

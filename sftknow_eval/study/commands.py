@@ -17,7 +17,10 @@ depends on them). The report is <out>/report/report.md with its PNGs.
 
 EPILOG = """\
 examples:
-  sftknow-eval study                                  # the tiny world (recipes/study/tiny.yaml)
+  sftknow-eval study                                  # the tiny world (recipes/study/tiny.yaml):
+                                                      # 15 fine-tunes, about 11 min on 2 CPU cores
+  sftknow-eval study tiny-sizes                       # the tiny world's full size grid:
+                                                      # 50 fine-tunes, about an hour on 2 cores
   sftknow-eval study recipes/study/llama3-8b.yaml --dry-run
   sftknow-eval study llama3-8b --shard 2/8            # machine 2 of 8 runs every 8th model
   sftknow-eval study llama3-8b                        # after copying the shards' folders in:
@@ -26,11 +29,14 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sftknow_eval.recipe_files import shipped_files
+
+    specs = ", ".join(f.name for f in shipped_files() if f.kind == "study")
     parser = subparsers.add_parser(
         "study", help="run the whole pipeline from a study spec and write the report",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", nargs="?", default=None,
-                        help="study spec YAML, or a shipped spec name (tiny, llama3-8b); "
+                        help=f"study spec YAML, or a shipped spec name ({specs}); "
                              "default: recipes/study/tiny.yaml")
     parser.add_argument("--out", default=None,
                         help="run folder (default: the spec's `out`, else runs/study/<name>)")
